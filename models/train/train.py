@@ -1,0 +1,160 @@
+"""Train takumi's hypernetwork H and backbone G on synthetic quads, with the LoRA Reverse loss.
+
+    python models/train/train.py --out models/train/runs/main            # from scratch
+    python models/train/train.py --out models/train/runs/main --resume   # continue from ckpt.pt
+    python models/train/train.py --out runs/ablation --reverse-weight 0  # the ablation
+    python models/train/train.py --pairs DIR --init runs/main/ckpt.pt --out runs/plant
+                                                # pairs-only fine-tuning, flipped pair as query
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+from takumi_model import Backbone, HyperNet, apply_g_points, features, gather, hyper_inputs, random_points
+
+POINTS = 1536  # pixels per image the loss is evaluated at
+
+
+def build():
+    return HyperNet(), Backbone()
+
+
+def losses(hyper, backbone, quad, reverse_weight, gen=None):
+    a, a2, b, b2 = quad
+    n, _, h, w = b.shape
+    idx, pts = random_points(n, h, w, POINTS, gen)
+    with torch.no_grad():
+        fb, fb2 = features(b), features(b2)
+    t = hyper(*hyper_inputs(a, a2))
+    l_fwd = F.l1_loss(apply_g_points(backbone, t, b, fb, idx, pts), gather(b2, idx))
+    if reverse_weight > 0:
+        # LoRA Reverse: the negated template must undo the edit on the true B'
+        l_rev = F.l1_loss(apply_g_points(backbone, -t, b2, fb2, idx, pts), gather(b, idx))
+    else:
+        l_rev = torch.zeros(())
+    return l_fwd, l_rev
+
+
+def save(path, step, elapsed, hyper, backbone, opt, rng, args):
+    tmp = path + ".tmp"
+    torch.save(dict(step=step, elapsed=elapsed, hyper=hyper.state_dict(), backbone=backbone.state_dict(), opt=opt.state_dict(),
+                    rng=rng.getstate(), torch_rng=torch.get_rng_state(), args=vars(args)), tmp)
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="run folder: ckpt.pt, log.jsonl")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--minutes", type=float, default=0,
+                    help="wall-clock budget: the schedule ends at whichever of --steps and --minutes comes first")
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--crop", type=int, default=192)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--reverse-weight", type=float, default=0.5, help="lambda of the LoRA Reverse term")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    ap.add_argument("--snapshot-at", type=int, default=0, help="also keep OUT/ckpt_<step>.pt at this step")
+    ap.add_argument("--pairs", help="pairs-only fine-tuning from NAME_before/NAME_after images in this folder")
+    ap.add_argument("--init", help="start from this checkpoint's weights (for --pairs)")
+    ap.add_argument("--freeze-backbone", action="store_true",
+                    help="train H only (default with --pairs: the backbone stays frozen)")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    hyper, backbone = build()
+    if args.pairs:
+        pairs = data.load_pairs(args.pairs)
+        args.freeze_backbone = True
+        if not args.init and not args.resume:
+            data.fail("--pairs fine-tunes a trained model: give --init CKPT (for example models/train/runs/main/ckpt.pt)")
+    else:
+        _, photos = data.load_split(test=False)
+        if len(photos) < 2:
+            data.fail("fewer than 2 training photos in the cache: re-run fetch_photos.py")
+    if args.init:
+        if not os.path.exists(args.init):
+            data.fail(f"--init {args.init}: no such checkpoint")
+        ck = torch.load(args.init, weights_only=False)
+        hyper.load_state_dict(ck["hyper"])
+        backbone.load_state_dict(ck["backbone"])
+    params = list(hyper.parameters()) + ([] if args.freeze_backbone else list(backbone.parameters()))
+    for p in backbone.parameters():
+        p.requires_grad_(not args.freeze_backbone)
+    opt = torch.optim.Adam(params, lr=args.lr)
+    step, spent = 0, 0.0
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            data.fail(f"--resume: no checkpoint at {ckpt_path}")
+        ck = torch.load(ckpt_path, weights_only=False)
+        hyper.load_state_dict(ck["hyper"])
+        backbone.load_state_dict(ck["backbone"])
+        opt.load_state_dict(ck["opt"])
+        rng.setstate(ck["rng"])
+        torch.set_rng_state(ck["torch_rng"])
+        step = ck["step"]
+        spent = ck.get("elapsed", 0.0)
+        print(f"resumed at step {step}", flush=True)
+
+    log = open(os.path.join(args.out, "log.jsonl"), "a")
+    t0, acc = time.time(), [0.0, 0.0, 0]
+    start = time.time() - spent
+
+    def progress():
+        p = step / args.steps
+        if args.minutes:
+            p = max(p, (time.time() - start) / (60 * args.minutes))
+        return min(p, 1.0)
+
+    while progress() < 1.0:
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * progress()))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.no_grad():
+            if args.pairs:
+                quad = data.pair_quads(pairs, args.batch, args.crop, rng)
+            else:
+                quad = data.synthetic_quads(photos, args.batch, args.crop, rng, gen)
+        l_fwd, l_rev = losses(hyper, backbone, quad, args.reverse_weight, gen)
+        loss = l_fwd + args.reverse_weight * l_rev
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        acc[0] += l_fwd.item()
+        acc[1] += l_rev.item()
+        acc[2] += 1
+        if step % 50 == 0 or progress() >= 1.0:
+            ident = F.l1_loss(quad[2], quad[3]).item()
+            rec = dict(step=step, fwd=acc[0] / acc[2], rev=acc[1] / acc[2], identity_l1=ident, lr=lr,
+                       s_per_step=(time.time() - t0) / acc[2])
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            t0, acc = time.time(), [0.0, 0.0, 0]
+        elapsed = time.time() - start
+        if step % 250 == 0 or progress() >= 1.0:
+            save(ckpt_path, step, elapsed, hyper, backbone, opt, rng, args)
+        if args.snapshot_at and step == args.snapshot_at:
+            save(os.path.join(args.out, f"ckpt_{step}.pt"), step, elapsed, hyper, backbone, opt, rng, args)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

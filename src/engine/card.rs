@@ -1,0 +1,92 @@
+//! The template's card: what the change does, in units a plant engineer knows, measured on the
+//! source pair(s).
+
+use super::filterbank::{blur_plane, gauss_kernel, luminance};
+use crate::Frame;
+
+fn lin(v: f32) -> f32 {
+    if v <= 0.04045 {
+        v / 12.92
+    } else {
+        ((v + 0.055) / 1.055).powf(2.4)
+    }
+}
+
+/// Per-image statistics the card compares between before and after.
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    lin_mean: [f64; 3],
+    lum_std: f64,
+    chroma: f64,
+    detail: f64,
+}
+
+pub fn stats(f: &Frame, threads: usize) -> Stats {
+    let n = f.width * f.height;
+    let mut lin_mean = [0.0f64; 3];
+    let (mut ls, mut ls2, mut ch) = (0.0f64, 0.0f64, 0.0f64);
+    for i in 0..n {
+        let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
+        for c in 0..3 {
+            lin_mean[c] += lin(rgb[c].clamp(0.0, 1.0)) as f64;
+        }
+        let y = luminance(rgb[0], rgb[1], rgb[2]) as f64;
+        ls += y;
+        ls2 += y * y;
+        let mx = rgb.iter().fold(f32::MIN, |a, &b| a.max(b));
+        let mn = rgb.iter().fold(f32::MAX, |a, &b| a.min(b));
+        ch += (mx - mn) as f64;
+    }
+    let nf = n as f64;
+    for m in &mut lin_mean {
+        *m /= nf;
+    }
+    // detail energy on a centre crop: sharpness is a full-resolution property
+    let side = 256.min(f.width).min(f.height);
+    let c = f.crop((f.width - side) / 2, (f.height - side) / 2, side, side);
+    let cn = side * side;
+    let lum: Vec<f32> = (0..cn)
+        .map(|i| luminance(c.data[i], c.data[cn + i], c.data[2 * cn + i]))
+        .collect();
+    let bl = blur_plane(&lum, side, side, &gauss_kernel(1.5), threads);
+    let detail = lum
+        .iter()
+        .zip(&bl)
+        .map(|(a, b)| (a - b).abs() as f64)
+        .sum::<f64>()
+        / cn as f64;
+    Stats {
+        lin_mean,
+        lum_std: (ls2 / nf - (ls / nf).powi(2)).max(0.0).sqrt(),
+        chroma: ch / nf,
+        detail,
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Change {
+    pub exposure_ev: f32,
+    pub wb_shift: [f32; 2],
+    pub contrast: f32,
+    pub saturation: f32,
+    pub sharpness: f32,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    (a.max(1e-6) / b.max(1e-6)).clamp(1e-3, 1e3)
+}
+
+pub fn change(before: &Stats, after: &Stats) -> Change {
+    let lum = |m: &[f64; 3]| 0.2126 * m[0] + 0.7152 * m[1] + 0.0722 * m[2];
+    let wb = |m: &[f64; 3], c: usize| ratio(m[c], m[1]).log2();
+    Change {
+        exposure_ev: ratio(lum(&after.lin_mean), lum(&before.lin_mean)).log2() as f32,
+        wb_shift: [
+            (wb(&after.lin_mean, 0) - wb(&before.lin_mean, 0)) as f32,
+            (wb(&after.lin_mean, 2) - wb(&before.lin_mean, 2)) as f32,
+        ],
+        contrast: ratio(after.lum_std, before.lum_std) as f32,
+        saturation: ratio(after.chroma, before.chroma) as f32,
+        sharpness: ratio(after.detail, before.detail) as f32,
+    }
+}

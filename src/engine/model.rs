@@ -1,0 +1,199 @@
+//! The two ONNX models, loaded and optimised once with tract, and the constants they were
+//! trained with (checked against models/model.json at load, so a model/code mismatch is an
+//! error at start-up rather than wrong pixels later).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tract_onnx::prelude::*;
+
+use crate::{Error, Result};
+
+pub const THUMB: usize = 64;
+pub const PATCH: usize = 64;
+pub const GRID: usize = 8;
+pub const LBINS: usize = 8;
+pub const K: usize = 16;
+pub const HUES: usize = 6;
+pub const SIGMAS: [f32; 2] = [1.5, 6.0];
+pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+/// Coefficients per grid cell and luminance bin: 3 outputs x K features.
+pub const CK: usize = 3 * K;
+pub const GRID_CH: usize = LBINS * CK;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize, Default, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Float,
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Float => "float",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ModelMeta {
+    template_len: usize,
+    thumb: usize,
+    patch: usize,
+    grid: usize,
+    lbins: usize,
+    k: usize,
+    sigmas: Vec<f32>,
+    hues: usize,
+    layout: Vec<(String, Vec<usize>)>,
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+pub struct Models {
+    hyper: Plan,
+    backbone: Plan,
+    pub template_len: usize,
+    /// Offset of the grid's global coefficient offset inside the template vector.
+    pub offset_at: usize,
+    /// blake3 of model.json and the float ONNX files: the identity templates are bound to.
+    pub hash: String,
+    pub precision: Precision,
+    pub dir: PathBuf,
+}
+
+fn model_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Model {
+        path: path.into(),
+        reason: e.to_string(),
+    }
+}
+
+fn load_plan(path: &Path) -> Result<Plan> {
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| model_err(path, format!("cannot load: {e:#}")))
+}
+
+impl Models {
+    pub fn load(dir: &Path, precision: Precision) -> Result<Self> {
+        let meta_path = dir.join("model.json");
+        let meta_bytes = std::fs::read(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
+        let meta: ModelMeta =
+            serde_json::from_slice(&meta_bytes).map_err(|e| model_err(&meta_path, e))?;
+        let expect = [
+            (meta.thumb, THUMB, "thumb"),
+            (meta.patch, PATCH, "patch"),
+            (meta.grid, GRID, "grid"),
+            (meta.lbins, LBINS, "lbins"),
+            (meta.k, K, "k"),
+            (meta.hues, HUES, "hues"),
+        ];
+        for (got, want, key) in expect {
+            if got != want {
+                return Err(model_err(
+                    &meta_path,
+                    format!(
+                        "{key} is {got}, this build expects {want}: rebuild takumi for this model"
+                    ),
+                ));
+            }
+        }
+        if meta.sigmas != SIGMAS {
+            return Err(model_err(
+                &meta_path,
+                "filter-bank sigmas differ from this build",
+            ));
+        }
+        let mut offset_at = None;
+        let mut n = 0;
+        for (name, shape) in &meta.layout {
+            if name == "offset" {
+                offset_at = Some(n);
+            }
+            n += shape.iter().product::<usize>();
+        }
+        let offset_at = offset_at
+            .filter(|_| n == meta.template_len)
+            .ok_or_else(|| {
+                model_err(
+                    &meta_path,
+                    "template layout has no offset or a wrong length",
+                )
+            })?;
+
+        let suffix = match precision {
+            Precision::Float => "",
+            Precision::Int8 => ".int8",
+        };
+        let mut h = blake3::Hasher::new();
+        h.update(&meta_bytes);
+        for f in ["hypernet.onnx", "backbone.onnx"] {
+            let p = dir.join(f);
+            let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+            h.update(&b);
+        }
+        let hyper = load_plan(&dir.join(format!("hypernet{suffix}.onnx")))?;
+        let backbone = load_plan(&dir.join(format!("backbone{suffix}.onnx")))?;
+        Ok(Models {
+            hyper,
+            backbone,
+            template_len: meta.template_len,
+            offset_at,
+            hash: h.finalize().to_hex()[..16].to_string(),
+            precision,
+            dir: dir.into(),
+        })
+    }
+
+    /// H: four `[3][64][64]` planar inputs -> template vector.
+    pub fn hypernet(&self, inputs: [&[f32]; 4]) -> Result<Vec<f32>> {
+        let mut tv: TVec<TValue> = tvec![];
+        for x in inputs {
+            tv.push(tensor(x, &[1, 3, THUMB, THUMB])?.into());
+        }
+        let out = self
+            .hyper
+            .run(tv)
+            .map_err(|e| model_err(&self.dir, format!("hypernet: {e:#}")))?;
+        let v = to_vec(&out[0], &self.dir)?;
+        if v.len() != self.template_len {
+            return Err(model_err(&self.dir, "hypernet output has the wrong length"));
+        }
+        Ok(v)
+    }
+
+    /// G's low-resolution CNN: thumbnail of B + template -> grid `[LBINS*3*K][GRID][GRID]`.
+    pub fn backbone(&self, thumb: &[f32], template: &[f32]) -> Result<Vec<f32>> {
+        let t = tensor(thumb, &[1, 3, THUMB, THUMB])?;
+        let d = tensor(template, &[1, self.template_len])?;
+        let out = self
+            .backbone
+            .run(tvec![t.into(), d.into()])
+            .map_err(|e| model_err(&self.dir, format!("backbone: {e:#}")))?;
+        let v = to_vec(&out[0], &self.dir)?;
+        if v.len() != GRID_CH * GRID * GRID {
+            return Err(model_err(&self.dir, "backbone output has the wrong size"));
+        }
+        Ok(v)
+    }
+}
+
+fn tensor(x: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_shape(shape, x).map_err(|e| Error::Invalid(format!("tensor {shape:?}: {e}")))
+}
+
+fn to_vec(v: &TValue, dir: &Path) -> Result<Vec<f32>> {
+    let view = v
+        .to_plain_array_view::<f32>()
+        .map_err(|e| model_err(dir, format!("output is not f32: {e}")))?;
+    Ok(view.iter().copied().collect())
+}

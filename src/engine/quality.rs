@@ -1,0 +1,47 @@
+//! The quality gate: how far a new capture B lies from the template's source images, in the
+//! terms that matter to the edit. The grid's coefficients are fitted and learned per luminance
+//! bin and hue sector; where B has pixel mass in tone/colour regions the source never showed,
+//! the template is extrapolating. The histogram has LBINS luminance bins x (HUES sectors +
+//! neutral); the score is the total-variation distance of B's histogram from the source's,
+//! 0 (same distribution) to 1 (disjoint). See docs/quality.md for the calibration.
+
+use super::filterbank::{hue_features, lum_bins, luminance};
+use super::model::{HUES, LBINS, THUMB};
+
+pub const HIST: usize = LBINS * (HUES + 1);
+/// Chroma (opponent magnitude) at which a pixel counts as fully coloured.
+const CHROMA_FULL: f32 = 0.1;
+
+/// Histogram of a `[3][THUMB][THUMB]` thumbnail, normalised to sum 1.
+pub fn histogram(thumb: &[f32]) -> Vec<f32> {
+    let n = THUMB * THUMB;
+    let mut h = vec![0.0f32; HIST];
+    let mut hf = [0.0f32; HUES];
+    for i in 0..n {
+        let (r, g, b) = (thumb[i], thumb[n + i], thumb[2 * n + i]);
+        hue_features(r, g, b, &mut hf);
+        let oa = r - 0.5 * (g + b);
+        let ob = 0.866_025_4 * (g - b);
+        let colour = ((oa * oa + ob * ob).sqrt() / CHROMA_FULL).min(1.0);
+        let total: f32 = hf.iter().sum::<f32>() + 1e-6;
+        let (l0, w0, w1) = lum_bins(luminance(r, g, b));
+        for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
+            if l >= LBINS {
+                continue;
+            }
+            let row = &mut h[l * (HUES + 1)..(l + 1) * (HUES + 1)];
+            for s in 0..HUES {
+                row[s] += wl * colour * hf[s] / total;
+            }
+            row[HUES] += wl * (1.0 - colour);
+        }
+    }
+    let s: f32 = h.iter().sum::<f32>().max(1e-6);
+    h.iter_mut().for_each(|v| *v /= s);
+    h
+}
+
+/// Total-variation distance between two histograms, in [0, 1].
+pub fn distance(a: &[f32], b: &[f32]) -> f32 {
+    0.5 * a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>()
+}

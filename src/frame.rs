@@ -1,0 +1,90 @@
+//! An RGB frame as planar f32 in [0, 1]: planar rows make the separable blurs and the slicing
+//! loops contiguous, which is what lets them vectorise.
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Frame {
+    pub width: usize,
+    pub height: usize,
+    /// `[3][height][width]`, channel-major.
+    pub data: Vec<f32>,
+}
+
+impl Frame {
+    pub fn zeros(width: usize, height: usize) -> Self {
+        Frame {
+            width,
+            height,
+            data: vec![0.0; 3 * width * height],
+        }
+    }
+
+    pub fn plane(&self, c: usize) -> &[f32] {
+        let n = self.width * self.height;
+        &self.data[c * n..(c + 1) * n]
+    }
+
+    pub fn plane_mut(&mut self, c: usize) -> &mut [f32] {
+        let n = self.width * self.height;
+        &mut self.data[c * n..(c + 1) * n]
+    }
+
+    pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Self {
+        let n = width * height;
+        let mut data = vec![0.0; 3 * n];
+        for (i, px) in rgb.chunks_exact(3).take(n).enumerate() {
+            for c in 0..3 {
+                data[c * n + i] = px[c] as f32 / 255.0;
+            }
+        }
+        Frame {
+            width,
+            height,
+            data,
+        }
+    }
+
+    pub fn to_rgb8(&self) -> Vec<u8> {
+        let n = self.width * self.height;
+        let mut out = vec![0u8; 3 * n];
+        for i in 0..n {
+            for c in 0..3 {
+                out[3 * i + c] = (self.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+        out
+    }
+
+    /// Rounds through 8 bits, as a written PNG would.
+    pub fn quantised(&self) -> Self {
+        Frame::from_rgb8(self.width, self.height, &self.to_rgb8())
+    }
+
+    /// Copy of the rectangle at (x, y) of size (w, h); the caller keeps it inside the frame.
+    pub fn crop(&self, x: usize, y: usize, w: usize, h: usize) -> Self {
+        let mut out = Frame::zeros(w, h);
+        for c in 0..3 {
+            let src = self.plane(c);
+            let dst = out.plane_mut(c);
+            for r in 0..h {
+                let s = (y + r) * self.width + x;
+                dst[r * w..(r + 1) * w].copy_from_slice(&src[s..s + w]);
+            }
+        }
+        out
+    }
+}
+
+/// PSNR in dB of `a` against `b` (same size), for values in [0, 1].
+pub fn psnr(a: &Frame, b: &Frame) -> f32 {
+    let mse: f64 = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| {
+            let d = (x.clamp(0.0, 1.0) - y.clamp(0.0, 1.0)) as f64;
+            d * d
+        })
+        .sum::<f64>()
+        / a.data.len().max(1) as f64;
+    (10.0 * (1.0 / mse.max(1e-12)).log10()) as f32
+}

@@ -1,0 +1,345 @@
+//! The `takumi` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use takumi::capture::load_image;
+use takumi::config::Config;
+use takumi::engine::{Engine, Precision};
+use takumi::publish::file::{ImageKind, PendingFile, encode};
+use takumi::store::{SourcePair, THUMB_SIDE, Template, TemplateName, TemplateStore};
+use takumi::{Error, Frame};
+
+#[derive(Parser)]
+#[command(
+    name = "takumi",
+    version,
+    about = "Learn a visual edit from one before/after pair and replay it"
+)]
+struct Cli {
+    /// Station config (TOML); built-in defaults when absent.
+    #[arg(long, global = true, env = "TAKUMI_CONFIG")]
+    config: Option<PathBuf>,
+    /// Template store folder (overrides the config).
+    #[arg(long, global = true, env = "TAKUMI_STORE")]
+    store: Option<PathBuf>,
+    /// Model folder (overrides the config).
+    #[arg(long, global = true, env = "TAKUMI_MODELS")]
+    models: Option<PathBuf>,
+    /// float or int8 (overrides the config).
+    #[arg(long, global = true)]
+    precision: Option<Precision>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Learn a template from one or more before/after pairs of the same edit.
+    Learn {
+        #[arg(long = "before", required = true)]
+        before: Vec<PathBuf>,
+        #[arg(long = "after", required = true)]
+        after: Vec<PathBuf>,
+        #[arg(long)]
+        name: String,
+    },
+    /// Apply a template to an image or to every image in a folder.
+    Apply {
+        #[arg(long)]
+        template: String,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Undo the edit (the negated template, as in LoRA Reverse).
+        #[arg(long)]
+        reverse: bool,
+    },
+    /// List, show or remove stored templates.
+    Templates {
+        #[command(subcommand)]
+        cmd: TemplatesCmd,
+    },
+    /// Time learn and apply (float and int8), peak RSS, and onnxruntime on the same models.
+    Bench(takumi::bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TemplatesCmd {
+    List,
+    Show { name: String },
+    Rm { name: String },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TAKUMI_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut cfg = match &cli.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(s) = cli.store {
+        cfg.store.dir = s;
+    }
+    if let Some(m) = cli.models {
+        cfg.engine.models = m;
+    }
+    if let Some(p) = cli.precision {
+        cfg.engine.precision = p;
+    }
+    match cli.cmd {
+        Cmd::Learn {
+            before,
+            after,
+            name,
+        } => learn(&cfg, &before, &after, &name),
+        Cmd::Apply {
+            template,
+            input,
+            output,
+            reverse,
+        } => apply(&cfg, &template, &input, &output, reverse),
+        Cmd::Templates { cmd } => templates(&cfg, cmd),
+        Cmd::Bench(args) => takumi::bench::run(&cfg, &args).map_err(Into::into),
+    }
+}
+
+fn engine(cfg: &Config) -> anyhow::Result<Engine> {
+    Ok(Engine::load(
+        &cfg.engine.models,
+        cfg.engine.precision,
+        cfg.engine.threads,
+    )?)
+}
+
+fn thumb_rgb8(f: &Frame) -> Vec<u8> {
+    let t = takumi::engine::filterbank::thumbnail(f);
+    Frame {
+        width: THUMB_SIDE,
+        height: THUMB_SIDE,
+        data: t,
+    }
+    .to_rgb8()
+}
+
+fn learn(cfg: &Config, before: &[PathBuf], after: &[PathBuf], name: &str) -> anyhow::Result<()> {
+    let name = TemplateName::new(name)?;
+    if before.len() != after.len() {
+        bail!(
+            "learn: {} --before but {} --after; give them in pairs",
+            before.len(),
+            after.len()
+        );
+    }
+    let store = TemplateStore::open(&cfg.store.dir)?;
+    let mut pairs = Vec::new();
+    let mut sources = Vec::new();
+    for (b, a) in before.iter().zip(after) {
+        let (fb, hb) = load_image(b, &cfg.limits)?;
+        let (fa, ha) = load_image(a, &cfg.limits)?;
+        if (fb.width, fb.height) != (fa.width, fa.height) {
+            return Err(Error::PairSize {
+                before: b.clone(),
+                after: a.clone(),
+                bw: fb.width,
+                bh: fb.height,
+                aw: fa.width,
+                ah: fa.height,
+            }
+            .into());
+        }
+        sources.push(SourcePair {
+            before_blake3: hb,
+            after_blake3: ha,
+            width: fb.width as u32,
+            height: fb.height as u32,
+            thumb_before: thumb_rgb8(&fb),
+            thumb_after: thumb_rgb8(&fa),
+        });
+        pairs.push((fb, fa));
+    }
+    let eng = engine(cfg)?;
+    let t0 = std::time::Instant::now();
+    let learned = eng.learn(&pairs)?;
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = Template {
+        name: name.clone(),
+        model_hash: eng.models.hash.clone(),
+        created_unix,
+        sources,
+        card: learned.card,
+        delta: learned.delta,
+        source_hist: learned.source_hist,
+    };
+    store.save(&t)?;
+    let c = &t.card;
+    println!(
+        "learned {name} from {} pair(s) in {ms:.0} ms: self-PSNR {:.2} dB, exposure {:+.2} EV, contrast x{:.2}, saturation x{:.2}, sharpness x{:.2}",
+        c.pairs, c.self_psnr_db, c.exposure_ev, c.contrast, c.saturation, c.sharpness
+    );
+    Ok(())
+}
+
+fn is_image(p: &Path) -> bool {
+    p.is_file() && ImageKind::from_path(p).is_some()
+}
+
+fn apply(
+    cfg: &Config,
+    template: &str,
+    input: &Path,
+    output: &Path,
+    reverse: bool,
+) -> anyhow::Result<()> {
+    let name = TemplateName::new(template)?;
+    let store = TemplateStore::open(&cfg.store.dir)?;
+    let t = store.load(&name)?;
+    let eng = engine(cfg)?;
+    if t.model_hash != eng.models.hash {
+        return Err(Error::WrongModel {
+            name: name.to_string(),
+            expected: eng.models.hash.clone(),
+            found: t.model_hash.clone(),
+        }
+        .into());
+    }
+    // (input, output) jobs; a folder input needs a folder output
+    let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
+        if output.exists() && !output.is_dir() {
+            bail!(
+                "{}: input is a folder, so the output must be a folder",
+                output.display()
+            );
+        }
+        std::fs::create_dir_all(output).map_err(|e| Error::Output {
+            path: output.into(),
+            reason: e.to_string(),
+        })?;
+        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+            .with_context(|| format!("{}: cannot list folder", input.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_image(p))
+            .collect();
+        v.sort();
+        if v.is_empty() {
+            bail!("{}: no PNG or JPEG images in the folder", input.display());
+        }
+        v.into_iter()
+            .map(|p| {
+                let o = output.join(p.file_name().unwrap_or_default());
+                (p, o)
+            })
+            .collect()
+    } else {
+        if ImageKind::from_path(output).is_none() {
+            bail!(
+                "{}: output must end in .png, .jpg or .jpeg",
+                output.display()
+            );
+        }
+        vec![(input.to_path_buf(), output.to_path_buf())]
+    };
+    // every input is checked before anything is written
+    for (i, _) in &jobs {
+        load_image(i, &cfg.limits)?;
+    }
+    let mut pending = Vec::with_capacity(jobs.len());
+    let mut lines = Vec::with_capacity(jobs.len());
+    for (i, o) in &jobs {
+        let (frame, _) = load_image(i, &cfg.limits)?;
+        let out = eng.apply(&t.delta, &frame, reverse)?;
+        let kind = ImageKind::from_path(o).unwrap_or(ImageKind::Png);
+        pending.push(PendingFile::write(o, &encode(&out, kind)?)?);
+        let score = eng.score(&t.source_hist, &frame);
+        let flag = if score > cfg.quality.review_threshold {
+            " needs_review"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "{} -> {}  score {score:.3}{flag}",
+            i.display(),
+            o.display()
+        ));
+    }
+    for p in pending {
+        p.commit()?;
+    }
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
+    let store = TemplateStore::open(&cfg.store.dir)?;
+    match cmd {
+        TemplatesCmd::List => {
+            for (name, t) in store.list()? {
+                match t {
+                    Ok(t) => println!(
+                        "{name}\tpairs {}\tself-PSNR {:.2} dB\tmodel {}\tcreated {}",
+                        t.card.pairs, t.card.self_psnr_db, t.model_hash, t.created_unix
+                    ),
+                    Err(e) => println!("{name}\tUNREADABLE: {e}"),
+                }
+            }
+        }
+        TemplatesCmd::Show { name } => {
+            let t = store.load(&TemplateName::new(&name)?)?;
+            let c = &t.card;
+            println!("name         {}", t.name);
+            println!("model        {}", t.model_hash);
+            println!("created      {} (unix)", t.created_unix);
+            for (i, s) in t.sources.iter().enumerate() {
+                println!(
+                    "pair {i}       {}x{} before {} after {}",
+                    s.width,
+                    s.height,
+                    &s.before_blake3[..16.min(s.before_blake3.len())],
+                    &s.after_blake3[..16.min(s.after_blake3.len())]
+                );
+            }
+            println!("exposure     {:+.2} EV", c.exposure_ev);
+            println!(
+                "white bal.   R/G {:+.3}, B/G {:+.3} (log2)",
+                c.wb_shift[0], c.wb_shift[1]
+            );
+            println!("contrast     x{:.3}", c.contrast);
+            println!("saturation   x{:.3}", c.saturation);
+            println!("sharpness    x{:.3}", c.sharpness);
+            println!(
+                "self-PSNR    {:.2} dB (G(template, before) against after)",
+                c.self_psnr_db
+            );
+            println!(
+                "closed-form  {}",
+                if c.fit_used { "used" } else { "not used" }
+            );
+        }
+        TemplatesCmd::Rm { name } => {
+            store.remove(&TemplateName::new(&name)?)?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Results out. For now: image files.
+
+pub mod file;

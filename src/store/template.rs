@@ -1,0 +1,467 @@
+//! Templates and their file format.
+//!
+//! # File format (version 1)
+//!
+//! A template file is
+//!
+//! ```text
+//! [ safetensors bytes ][ 32-byte BLAKE3 hash of the safetensors bytes ]
+//! ```
+//!
+//! The safetensors part (see <https://github.com/huggingface/safetensors>:
+//! u64 little-endian header length, JSON header, raw little-endian tensor
+//! data) holds exactly these tensors:
+//!
+//! | tensor        | dtype | shape                         | content                                  |
+//! |---------------|-------|-------------------------------|------------------------------------------|
+//! | `delta`       | F32   | `[n]`                         | the LoRA template vector                 |
+//! | `source_hist` | F32   | `[m]`                         | colour histogram of the source image     |
+//! | `thumbs`      | U8    | `[pairs, 2, 64, 64, 3]`       | before/after RGB8 thumbnails of each pair |
+//!
+//! `thumbs` is present even when `pairs` is 0 (zero bytes of data then).
+//! The header's `__metadata__` has one key, `takumi`, whose value is a JSON
+//! string of `{format_version, name, model_hash, created_unix, sources, card}`
+//! (unknown fields are refused). `sources` lists the pairs in the same order
+//! as the first axis of `thumbs`, without the thumbnails.
+//!
+//! Readers check, in order: length >= 32, the checksum, the safetensors
+//! structure, `format_version` == [`FORMAT_VERSION`], then every tensor's
+//! dtype and shape, and that every float is finite. The checksum comes first
+//! so that a damaged file is reported as damaged rather than as whatever
+//! parse error the damage happens to cause.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use safetensors::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+
+use super::{StoreError, TemplateName};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Side of the square before/after thumbnails, in pixels.
+pub const THUMB_SIDE: usize = 64;
+
+/// Bytes of one RGB8 thumbnail.
+pub const THUMB_BYTES: usize = THUMB_SIDE * THUMB_SIDE * 3;
+
+/// Length of the trailing checksum.
+pub const CHECKSUM_LEN: usize = 32;
+
+const META_KEY: &str = "takumi";
+const T_DELTA: &str = "delta";
+const T_HIST: &str = "source_hist";
+const T_THUMBS: &str = "thumbs";
+
+/// Explains the change; computed by the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Card {
+    pub exposure_ev: f32,
+    pub wb_shift: [f32; 2],
+    pub contrast: f32,
+    pub saturation: f32,
+    pub sharpness: f32,
+    pub self_psnr_db: f32,
+    pub pairs: u32,
+    pub fit_used: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourcePair {
+    /// Hex BLAKE3 of the source image files' bytes.
+    pub before_blake3: String,
+    pub after_blake3: String,
+    pub width: u32,
+    pub height: u32,
+    /// RGB8, `THUMB_SIDE` x `THUMB_SIDE`, row-major interleaved.
+    #[serde(skip)]
+    pub thumb_before: Vec<u8>,
+    #[serde(skip)]
+    pub thumb_after: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Template {
+    pub name: TemplateName,
+    /// Hex BLAKE3 of the model the template was made for.
+    pub model_hash: String,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+    pub sources: Vec<SourcePair>,
+    pub card: Card,
+    /// The LoRA template vector.
+    pub delta: Vec<f32>,
+    /// The source image's colour histogram, used by the quality gate.
+    pub source_hist: Vec<f32>,
+}
+
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    format_version: u32,
+    name: &'a TemplateName,
+    model_hash: &'a str,
+    created_unix: u64,
+    sources: &'a [SourcePair],
+    card: &'a Card,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderIn {
+    format_version: u32,
+    name: TemplateName,
+    model_hash: String,
+    created_unix: u64,
+    sources: Vec<SourcePair>,
+    card: Card,
+}
+
+/// Read before the full header so a newer file reports its version instead of
+/// tripping over fields this build does not know.
+#[derive(Deserialize)]
+struct VersionProbe {
+    format_version: Option<u32>,
+}
+
+struct Raw {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Raw {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn decode_err(reason: impl Into<String>) -> StoreError {
+    StoreError::Decode {
+        reason: reason.into(),
+    }
+}
+
+fn invalid(reason: impl Into<String>) -> StoreError {
+    StoreError::Invalid {
+        reason: reason.into(),
+    }
+}
+
+fn first_non_finite(v: &[f32]) -> Option<usize> {
+    v.iter().position(|x| !x.is_finite())
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Card {
+    /// Name of the first field that is NaN or infinite.
+    fn non_finite_field(&self) -> Option<&'static str> {
+        [
+            ("exposure_ev", self.exposure_ev),
+            ("wb_shift[0]", self.wb_shift[0]),
+            ("wb_shift[1]", self.wb_shift[1]),
+            ("contrast", self.contrast),
+            ("saturation", self.saturation),
+            ("sharpness", self.sharpness),
+            ("self_psnr_db", self.self_psnr_db),
+        ]
+        .into_iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(n, _)| n)
+    }
+}
+
+impl Template {
+    /// Checks what the file format cannot represent or a reader would refuse,
+    /// so a bad template is refused at save time rather than at load time.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if let Some(i) = first_non_finite(&self.delta) {
+            return Err(invalid(format!(
+                "value {i} of the template vector (delta) is not a finite number"
+            )));
+        }
+        if let Some(i) = first_non_finite(&self.source_hist) {
+            return Err(invalid(format!(
+                "value {i} of the source histogram is not a finite number"
+            )));
+        }
+        if let Some(field) = self.card.non_finite_field() {
+            return Err(invalid(format!(
+                "card field {field} is not a finite number (NaN or infinite)"
+            )));
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            for (which, thumb) in [("before", &s.thumb_before), ("after", &s.thumb_after)] {
+                if thumb.len() != THUMB_BYTES {
+                    return Err(invalid(format!(
+                        "source pair {i}: the {which} thumbnail has {} bytes, expected {THUMB_BYTES} \
+                         ({THUMB_SIDE}x{THUMB_SIDE} RGB)",
+                        thumb.len()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the template in the file format, after [`Template::validate`].
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        self.validate()?;
+        let header = serde_json::to_string(&HeaderOut {
+            format_version: FORMAT_VERSION,
+            name: &self.name,
+            model_hash: &self.model_hash,
+            created_unix: self.created_unix,
+            sources: &self.sources,
+            card: &self.card,
+        })
+        .map_err(|e| invalid(format!("cannot write the template header: {e}")))?;
+
+        let mut thumbs = Vec::with_capacity(self.sources.len() * 2 * THUMB_BYTES);
+        for s in &self.sources {
+            thumbs.extend_from_slice(&s.thumb_before);
+            thumbs.extend_from_slice(&s.thumb_after);
+        }
+        let tensors = [
+            (
+                T_DELTA,
+                Raw {
+                    dtype: Dtype::F32,
+                    shape: vec![self.delta.len()],
+                    data: f32_bytes(&self.delta),
+                },
+            ),
+            (
+                T_HIST,
+                Raw {
+                    dtype: Dtype::F32,
+                    shape: vec![self.source_hist.len()],
+                    data: f32_bytes(&self.source_hist),
+                },
+            ),
+            (
+                T_THUMBS,
+                Raw {
+                    dtype: Dtype::U8,
+                    shape: vec![self.sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3],
+                    data: thumbs,
+                },
+            ),
+        ];
+        let meta = HashMap::from([(META_KEY.to_owned(), header)]);
+        let mut bytes = safetensors::serialize(tensors.iter().map(|(n, r)| (*n, r)), Some(meta))
+            .map_err(|e| invalid(format!("cannot encode the tensors: {e}")))?;
+        let sum = blake3::hash(&bytes);
+        bytes.extend_from_slice(sum.as_bytes());
+        Ok(bytes)
+    }
+
+    /// The file bytes; empty if [`Template::validate`] refuses the template
+    /// (use [`Template::encode`] to learn why). Never panics.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.encode().unwrap_or_default()
+    }
+
+    /// Decodes a template file. Never panics, whatever the input.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Template, StoreError> {
+        let Some(body_len) = bytes.len().checked_sub(CHECKSUM_LEN) else {
+            return Err(decode_err(format!(
+                "the file is only {} bytes long; it is truncated or is not a template",
+                bytes.len()
+            )));
+        };
+        let (body, sum) = bytes.split_at_checked(body_len).unwrap_or((bytes, &[]));
+        if blake3::hash(body).as_bytes().as_slice() != sum {
+            return Err(decode_err(
+                "checksum mismatch: the file is corrupt or was modified",
+            ));
+        }
+
+        check_offsets_in_bounds(body)?;
+        let (header_len, meta) = SafeTensors::read_metadata(body)
+            .map_err(|e| decode_err(format!("the tensor container is malformed: {e}")))?;
+        let data = 8usize
+            .checked_add(header_len)
+            .and_then(|start| body.get(start..))
+            .ok_or_else(|| decode_err("the tensor container is malformed: header too long"))?;
+
+        let header = match meta.metadata() {
+            Some(m) if m.len() == 1 => m.get(META_KEY),
+            _ => None,
+        }
+        .ok_or_else(|| decode_err("the file has no takumi header; it is not a takumi template"))?;
+        let probe: VersionProbe = serde_json::from_str(header)
+            .map_err(|e| decode_err(format!("the takumi header is unreadable: {e}")))?;
+        match probe.format_version {
+            Some(FORMAT_VERSION) => {}
+            Some(found) => return Err(StoreError::Version { found }),
+            None => return Err(decode_err("the takumi header has no format_version")),
+        }
+        let header: HeaderIn = serde_json::from_str(header)
+            .map_err(|e| decode_err(format!("the takumi header is invalid: {e}")))?;
+        if header.format_version != FORMAT_VERSION {
+            return Err(StoreError::Version {
+                found: header.format_version,
+            });
+        }
+
+        let mut names = meta.offset_keys();
+        names.sort();
+        if names != [T_DELTA, T_HIST, T_THUMBS] {
+            return Err(decode_err(format!(
+                "the file holds tensors {names:?}, expected {:?}",
+                [T_DELTA, T_HIST, T_THUMBS]
+            )));
+        }
+        let tensor = |name: &str, dtype: Dtype| -> Result<(&[usize], &[u8]), StoreError> {
+            let info = meta
+                .info(name)
+                .ok_or_else(|| decode_err(format!("tensor {name} is missing")))?;
+            if info.dtype != dtype {
+                return Err(decode_err(format!(
+                    "tensor {name} has type {:?}, expected {dtype:?}",
+                    info.dtype
+                )));
+            }
+            let (s, e) = info.data_offsets;
+            let bytes = data
+                .get(s..e)
+                .ok_or_else(|| decode_err(format!("tensor {name} lies outside the file")))?;
+            Ok((&info.shape, bytes))
+        };
+        let floats = |name: &str, what: &str| -> Result<Vec<f32>, StoreError> {
+            let (shape, bytes) = tensor(name, Dtype::F32)?;
+            if shape.len() != 1 {
+                return Err(decode_err(format!(
+                    "tensor {name} has shape {shape:?}, expected one dimension"
+                )));
+            }
+            let (words, rest) = bytes.as_chunks::<4>();
+            if !rest.is_empty() {
+                return Err(decode_err(format!("tensor {name} is cut short")));
+            }
+            let v: Vec<f32> = words.iter().map(|w| f32::from_le_bytes(*w)).collect();
+            match first_non_finite(&v) {
+                Some(i) => Err(decode_err(format!(
+                    "value {i} of the {what} is not a finite number"
+                ))),
+                None => Ok(v),
+            }
+        };
+        let delta = floats(T_DELTA, "template vector (delta)")?;
+        let source_hist = floats(T_HIST, "source histogram")?;
+
+        let mut sources = header.sources;
+        let (shape, thumbs) = tensor(T_THUMBS, Dtype::U8)?;
+        let want = [sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3];
+        if shape != want {
+            return Err(decode_err(format!(
+                "tensor {T_THUMBS} has shape {shape:?}, expected {want:?} for {} source pairs",
+                sources.len()
+            )));
+        }
+        let chunks = thumbs.chunks_exact(2 * THUMB_BYTES);
+        if chunks.len() != sources.len() {
+            return Err(decode_err(format!(
+                "the file has thumbnails for {} pairs but describes {}",
+                chunks.len(),
+                sources.len()
+            )));
+        }
+        for (s, chunk) in sources.iter_mut().zip(chunks) {
+            let (before, after) = chunk
+                .split_at_checked(THUMB_BYTES)
+                .ok_or_else(|| decode_err("a thumbnail is cut short"))?;
+            s.thumb_before = before.to_vec();
+            s.thumb_after = after.to_vec();
+        }
+
+        if let Some(field) = header.card.non_finite_field() {
+            return Err(decode_err(format!(
+                "card field {field} is not a finite number"
+            )));
+        }
+
+        Ok(Template {
+            name: header.name,
+            model_hash: header.model_hash,
+            created_unix: header.created_unix,
+            sources,
+            card: header.card,
+            delta,
+            source_hist,
+        })
+    }
+}
+
+/// The safetensors reader adds declared offsets without overflow checks, so a
+/// crafted header (with a valid checksum) could make it panic. Reject any
+/// offset past the end of the data first. Anything else malformed is left to
+/// the reader to report.
+fn check_offsets_in_bounds(body: &[u8]) -> Result<(), StoreError> {
+    let Some((len_bytes, rest)) = body.split_first_chunk::<8>() else {
+        return Ok(());
+    };
+    let Ok(header_len) = usize::try_from(u64::from_le_bytes(*len_bytes)) else {
+        return Ok(());
+    };
+    let (Some(header), Some(data)) = (rest.get(..header_len), rest.get(header_len..)) else {
+        return Ok(());
+    };
+    let Ok(AllEntries(entries)) = serde_json::from_slice::<AllEntries>(header) else {
+        return Ok(());
+    };
+    let limit = data.len() as u64;
+    for (name, entry) in &entries {
+        let Some(offsets) = entry.get("data_offsets").and_then(|o| o.as_array()) else {
+            continue;
+        };
+        if offsets
+            .iter()
+            .any(|o| o.as_u64().is_some_and(|o| o > limit))
+        {
+            return Err(decode_err(format!(
+                "the tensor container is malformed: tensor {name:?} points past the end of the file"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of a JSON object, duplicates included (a map would keep one).
+struct AllEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for AllEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = AllEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<AllEntries, A::Error> {
+                let mut all = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    all.push(entry);
+                }
+                Ok(AllEntries(all))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
