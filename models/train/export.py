@@ -62,6 +62,11 @@ def export(model, args, names, out, path):
     onnx.checker.check_model(m)
 
 
+def save(path, arrays):
+    # safetensors writes a view's underlying buffer: make every array contiguous first
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, path)
+
+
 def run_ort(path, feeds):
     s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     return s.run(None, feeds)[0]
@@ -126,11 +131,10 @@ def main():
                                                    gp.replace(".onnx", ".int8.onnx"))):
         feeds = hfeeds[1]
         tt = run_ort(hpath, feeds)
-        save_file({**{k: v.astype(np.float32) for k, v in feeds.items()}, "template": tt},
-                  os.path.join(GOLDEN, f"hypernet_{tag}.safetensors"))
+        save(os.path.join(GOLDEN, f"hypernet_{tag}.safetensors"), {**feeds, "template": tt})
         gf = {"thumb": gfeeds[2]["thumb"], "template": gfeeds[2]["template"]}
         grid = run_ort(gpath, gf)
-        save_file({**gf, "grid": grid}, os.path.join(GOLDEN, f"backbone_{tag}.safetensors"))
+        save(os.path.join(GOLDEN, f"backbone_{tag}.safetensors"), {**gf, "grid": grid})
         with torch.no_grad():
             tref = h(*[torch.from_numpy(feeds[k]) for k in hnames]).numpy()
             gref = g(torch.from_numpy(gf["thumb"]), torch.from_numpy(gf["template"])).numpy()
@@ -142,10 +146,9 @@ def main():
         tmpl = torch.from_numpy(gfeeds[3]["template"])
         grid = g(tm.thumbnail(img), tmpl)
         out = tm.slice_apply(img, grid)
-    save_file({"image": img.numpy(), "thumb": tm.thumbnail(img).numpy(), "features": tm.features(img).numpy(),
+    save(os.path.join(GOLDEN, "pipeline.safetensors"), {"image": img.numpy(), "thumb": tm.thumbnail(img).numpy(), "features": tm.features(img).numpy(),
                "grid": grid.numpy(), "template": tmpl.numpy(), "output": out.numpy(),
-               "patch": tm.centre_patch(cb[3:4]).numpy(), "patch_src": cb[3:4].numpy()},
-              os.path.join(GOLDEN, "pipeline.safetensors"))
+               "patch": tm.centre_patch(cb[3:4]).numpy(), "patch_src": cb[3:4].numpy()})
 
     meta = dict(template_len=T, thumb=tm.THUMB, patch=tm.PATCH, grid=tm.GRID, lbins=tm.LBINS, k=tm.K,
                 sigmas=list(tm.SIGMAS), hues=tm.HUES, luma=list(tm.LUMA), layout=[[n, list(s)] for n, s in tm.layout()],

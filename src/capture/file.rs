@@ -85,6 +85,13 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<Frame> {
             "{fmt:?} is not supported, expected PNG or JPEG"
         )));
     }
+    // the JPEG decoder pads a truncated scan with grey instead of failing: check the end marker
+    if fmt == ImageFormat::Jpeg
+        && !bytes.trim_ascii_end().ends_with(&[0xFF, 0xD9])
+        && !bytes.ends_with(&[0xFF, 0xD9])
+    {
+        return Err(bad("truncated JPEG: no end-of-image marker".into()));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), fmt);
     let (w, h) = reader
         .into_dimensions()

@@ -77,9 +77,9 @@ impl FitAcc {
                     if l >= LBINS || wl == 0.0 {
                         continue;
                     }
-                    for k in 0..K {
+                    for (k, fk) in f.iter().enumerate() {
                         idx[nz] = l * K + k;
-                        val[nz] = (wl * f[k]) as f64;
+                        val[nz] = (wl * fk) as f64;
                         nz += 1;
                     }
                 }
