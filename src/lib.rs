@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod capture;
 pub mod config;
+pub mod display;
 pub mod engine;
 pub mod error;
 pub mod frame;

@@ -152,6 +152,7 @@ def main():
         t, info = tl.learn(fl, [(A, A2)])
         out = tl.apply(fl, t, B)
         r["takumi"] = psnr(out, B2)
+        r["quality_score"] = tl.quality_score(tl.histogram(A), B)
         r["fit_used"] = info["fit_used"]
         th, _ = tl.learn(fl, [(A, A2)], refine=False)
         r["takumi_h_only"] = psnr(tl.apply(fl, th, B), B2)
@@ -218,6 +219,14 @@ def report(rows):
     print(f"fit used on {np.mean([r['fit_used'] for r in rows]) * 100:.0f}% of templates")
     print(f"reverse G(−Δ, G(Δ,B)) vs B: {np.mean([r['reverse'] for r in rows]):.2f} dB; "
           f"G(−Δ, B′) vs B: {np.mean([r['reverse_true'] for r in rows]):.2f} dB")
+    qs = np.array([r["quality_score"] for r in rows])
+    gain = np.array([r["takumi"] - r["identity"] for r in rows])
+    print("quality-gate calibration (score of B against the source A; takumi gain over doing nothing):")
+    for lo, hi in ((0, 0.2), (0.2, 0.35), (0.35, 0.5), (0.5, 1.01)):
+        sel = (qs >= lo) & (qs < hi)
+        if sel.any():
+            print(f"  score {lo:.2f}-{min(hi, 1):.2f}: n={sel.sum()}, mean gain {gain[sel].mean():+.2f} dB, "
+                  f"worse than doing nothing {np.mean(gain[sel] < 0) * 100:.0f}%")
     print(f"appearance leakage (mean |G(H(A,A′),B) − G(H(C,C′),B)|, H only): main {np.mean([r['leak_main'] for r in rows]):.4f}")
     for tag in ("ablation", "main_at_ablation_step"):
         if f"leak_{tag}" in rows[0]:

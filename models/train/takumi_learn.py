@@ -200,3 +200,26 @@ def learn(model, pairs, refine=True):
             t[o:o + off.size] += off
             used = True
     return t, dict(fit_used=used)
+
+
+CHROMA_FULL = 0.1
+
+
+def histogram(x):
+    """Quality-gate histogram of a frame (mirror of src/engine/quality.rs): LBINS luminance bins x
+    (HUES sectors + neutral) over the 64x64 thumbnail, normalised to sum 1."""
+    with torch.no_grad():
+        t = tm.thumbnail(torch.from_numpy(x)[None])
+        hf = tm.hue_features(t)[0].numpy().reshape(tm.HUES, -1)
+        wl = tm.lum_weights(t)[0].numpy().reshape(tm.LBINS, -1)
+    r, g, b = [t[0, c].numpy().ravel() for c in range(3)]
+    oa, ob = r - 0.5 * (g + b), 0.8660254 * (g - b)
+    colour = np.minimum(np.sqrt(oa * oa + ob * ob) / CHROMA_FULL, 1)
+    share = colour * hf / (hf.sum(0) + 1e-6)
+    cols = np.concatenate([share, (1 - colour)[None]])  # (HUES+1, n)
+    h = wl @ cols.T  # (LBINS, HUES+1)
+    return (h / max(h.sum(), 1e-6)).ravel()
+
+
+def quality_score(source_hist, x):
+    return 0.5 * float(np.abs(source_hist - histogram(x)).sum())

@@ -1,0 +1,416 @@
+//! The station's pipeline, independent of the transport: commands in, results/events out. The
+//! service (service.rs) feeds it from MQTT on a dedicated thread, because every op here may run
+//! seconds of CPU work that must not stall the async runtime.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::protocol::{ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, parse_command, request_id};
+use crate::capture::file::decode_image;
+use crate::capture::{FrameSource, ImageLimits};
+use crate::engine::Engine;
+use crate::frame::Frame;
+use crate::publish::file::{ImageKind, encode};
+use crate::store::{SourcePair, Template, TemplateName, TemplateStore};
+
+/// Results kept for approve/reject; older ones can no longer be approved.
+pub const RESULTS_KEPT: usize = 256;
+
+pub enum Outgoing {
+    Result { meta: ResultMeta, jpeg: Vec<u8> },
+    /// A result's state changed (approve/reject).
+    State { meta: ResultMeta },
+    Event(Event),
+    /// Reply to templates.list.
+    Templates { request_id: String, names: Vec<TemplateInfo> },
+    /// A template learned or installed here, for the fleet topic.
+    Fleet { name: String, file: Vec<u8> },
+    /// The latest approved result, for the local display.
+    Approved { meta: ResultMeta, before: Frame, after: Frame },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub pairs: u32,
+    pub self_psnr_db: f32,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub commands: u64,
+    pub captures: u64,
+    pub results: u64,
+    pub approved: u64,
+    pub rejected: u64,
+    pub errors: u64,
+}
+
+struct Kept {
+    meta: ResultMeta,
+    before: Frame,
+    after: Frame,
+}
+
+pub struct Station {
+    engine: Engine,
+    store: TemplateStore,
+    camera: Box<dyn FrameSource>,
+    limits: ImageLimits,
+    review_threshold: f32,
+    last_before: Option<Frame>,
+    last_after: Option<Frame>,
+    armed: Option<(String, String, bool)>, // (template, request id, reverse)
+    pending_next: Option<(String, String, bool)>,
+    results: VecDeque<Kept>,
+    seq: u64,
+    pub counters: Counters,
+}
+
+fn event(level: Level, code: &str, message: impl Into<String>, request_id: Option<&str>) -> Outgoing {
+    Outgoing::Event(Event {
+        level,
+        code: code.into(),
+        message: message.into(),
+        request_id: request_id.map(str::to_string),
+    })
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Station {
+    pub fn new(
+        engine: Engine,
+        store: TemplateStore,
+        camera: Box<dyn FrameSource>,
+        limits: ImageLimits,
+        review_threshold: f32,
+    ) -> Self {
+        Station {
+            engine,
+            store,
+            camera,
+            limits,
+            review_threshold,
+            last_before: None,
+            last_after: None,
+            armed: None,
+            pending_next: None,
+            results: VecDeque::new(),
+            seq: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn model_hash(&self) -> &str {
+        &self.engine.models.hash
+    }
+
+    pub fn armed(&self) -> Option<&str> {
+        self.armed.as_ref().map(|a| a.0.as_str())
+    }
+
+    /// Whether a capture is wanted now (armed, or an apply waiting for the next capture).
+    pub fn wants_capture(&self) -> bool {
+        self.armed.is_some() || self.pending_next.is_some()
+    }
+
+    /// Handles one command payload; never panics on any payload.
+    pub fn handle(&mut self, payload: &[u8]) -> Vec<Outgoing> {
+        self.counters.commands += 1;
+        let cmd = match parse_command(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.errors += 1;
+                return vec![event(Level::Error, "bad_command", e.to_string(), request_id(payload).as_deref())];
+            }
+        };
+        let id = cmd.id.clone();
+        match self.run(cmd) {
+            Ok(out) => out,
+            Err((code, msg)) => {
+                self.counters.errors += 1;
+                vec![event(Level::Error, code, msg, Some(&id))]
+            }
+        }
+    }
+
+    fn capture(&mut self) -> Result<Frame, (&'static str, String)> {
+        let f = self
+            .camera
+            .next_frame()
+            .map_err(|e| ("capture_failed", format!("{}: {e}", self.camera.describe())))?;
+        self.counters.captures += 1;
+        Ok(f)
+    }
+
+    fn decode(&self, what: &str, bytes: &[u8]) -> Result<Frame, (&'static str, String)> {
+        decode_image(bytes, &self.limits).map_err(|e| ("bad_image", format!("{what}: {e}")))
+    }
+
+    fn name(s: &str) -> Result<TemplateName, (&'static str, String)> {
+        TemplateName::new(s).map_err(|e| ("bad_name", e.to_string()))
+    }
+
+    fn load(&self, name: &str) -> Result<Template, (&'static str, String)> {
+        let t = self
+            .store
+            .load(&Self::name(name)?)
+            .map_err(|e| ("unknown_template", e.to_string()))?;
+        if t.model_hash != self.engine.models.hash {
+            return Err((
+                "wrong_model",
+                format!(
+                    "template {name} was made for model {}, this station runs {}",
+                    t.model_hash, self.engine.models.hash
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    fn run(&mut self, cmd: Command) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let id = cmd.id;
+        match cmd.op {
+            Op::CaptureBefore => {
+                self.last_before = Some(self.capture()?);
+                Ok(vec![event(Level::Info, "captured", "before captured", Some(&id))])
+            }
+            Op::CaptureAfter => {
+                self.last_after = Some(self.capture()?);
+                Ok(vec![event(Level::Info, "captured", "after captured", Some(&id))])
+            }
+            Op::Learn {
+                name,
+                before_jpeg,
+                after_jpeg,
+            } => {
+                let name = Self::name(&name)?;
+                let (before, after) = match (before_jpeg, after_jpeg) {
+                    (Some(b), Some(a)) => (self.decode("before_jpeg_b64", &b)?, self.decode("after_jpeg_b64", &a)?),
+                    (None, None) => match (&self.last_before, &self.last_after) {
+                        (Some(b), Some(a)) => (b.clone(), a.clone()),
+                        _ => return Err(("no_pair", "capture_before and capture_after first, or send both images".into())),
+                    },
+                    _ => return Err(("bad_command", "send both before_jpeg_b64 and after_jpeg_b64, or neither".into())),
+                };
+                if (before.width, before.height) != (after.width, after.height) {
+                    return Err(("pair_size", format!(
+                        "before is {}x{} but after is {}x{}",
+                        before.width, before.height, after.width, after.height
+                    )));
+                }
+                let learned = self.engine.learn(&[(before.clone(), after.clone())]).map_err(|e| ("learn_failed", e.to_string()))?;
+                let thumb = |f: &Frame| {
+                    Frame {
+                        width: crate::store::THUMB_SIDE,
+                        height: crate::store::THUMB_SIDE,
+                        data: crate::engine::filterbank::thumbnail(f),
+                    }
+                    .to_rgb8()
+                };
+                let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
+                let t = Template {
+                    name: name.clone(),
+                    model_hash: self.engine.models.hash.clone(),
+                    created_unix: now_ms() / 1000,
+                    sources: vec![SourcePair {
+                        before_blake3: hash(&before),
+                        after_blake3: hash(&after),
+                        width: before.width as u32,
+                        height: before.height as u32,
+                        thumb_before: thumb(&before),
+                        thumb_after: thumb(&after),
+                    }],
+                    card: learned.card,
+                    delta: learned.delta,
+                    source_hist: learned.source_hist,
+                };
+                self.store.save(&t).map_err(|e| ("store_failed", e.to_string()))?;
+                let file = t.encode().map_err(|e| ("store_failed", e.to_string()))?;
+                Ok(vec![
+                    event(
+                        Level::Info,
+                        "learned",
+                        format!("learned {name}: self-PSNR {:.2} dB", t.card.self_psnr_db),
+                        Some(&id),
+                    ),
+                    Outgoing::Fleet {
+                        name: name.to_string(),
+                        file,
+                    },
+                ])
+            }
+            Op::Apply {
+                template,
+                mode,
+                image,
+                reverse,
+            } => {
+                self.load(&template)?;
+                match mode {
+                    ApplyMode::Image => {
+                        let bytes = image.unwrap_or_default();
+                        let frame = self.decode("image_jpeg_b64", &bytes)?;
+                        self.apply_to(&template, &id, reverse, frame)
+                    }
+                    ApplyMode::Next => {
+                        self.pending_next = Some((template, id.clone(), reverse));
+                        Ok(vec![event(Level::Info, "waiting", "applies to the next capture", Some(&id))])
+                    }
+                    ApplyMode::Armed => {
+                        self.armed = Some((template, id.clone(), reverse));
+                        Ok(vec![event(Level::Info, "armed", "applies to every capture until disarm", Some(&id))])
+                    }
+                }
+            }
+            Op::Disarm => {
+                self.armed = None;
+                self.pending_next = None;
+                Ok(vec![event(Level::Info, "disarmed", "disarmed", Some(&id))])
+            }
+            Op::Approve { result } => self.decide(&result, ResultState::Approved),
+            Op::Reject { result } => self.decide(&result, ResultState::Rejected),
+            Op::TemplatesList => {
+                let names = self
+                    .store
+                    .list()
+                    .map_err(|e| ("store_failed", e.to_string()))?
+                    .into_iter()
+                    .filter_map(|(n, t)| {
+                        t.ok().map(|t| TemplateInfo {
+                            name: n.to_string(),
+                            pairs: t.card.pairs,
+                            self_psnr_db: t.card.self_psnr_db,
+                            created_unix: t.created_unix,
+                        })
+                    })
+                    .collect();
+                Ok(vec![Outgoing::Templates { request_id: id, names }])
+            }
+            Op::TemplatesDelete { name } => {
+                self.store
+                    .remove(&Self::name(&name)?)
+                    .map_err(|e| ("unknown_template", e.to_string()))?;
+                if self.armed.as_ref().is_some_and(|a| a.0 == name) {
+                    self.armed = None;
+                }
+                Ok(vec![event(Level::Info, "deleted", format!("deleted {name}"), Some(&id))])
+            }
+            Op::TemplatesInstall { template } => {
+                let t = Template::from_bytes(&template).map_err(|e| ("bad_template", e.to_string()))?;
+                if t.model_hash != self.engine.models.hash {
+                    return Err(("wrong_model", format!("template {} is for model {}", t.name, t.model_hash)));
+                }
+                self.store.save(&t).map_err(|e| ("store_failed", e.to_string()))?;
+                Ok(vec![event(Level::Info, "installed", format!("installed {}", t.name), Some(&id))])
+            }
+            Op::Status => Ok(vec![event(Level::Info, "status", "status published", Some(&id))]),
+        }
+    }
+
+    fn decide(&mut self, result: &str, state: ResultState) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let kept = self
+            .results
+            .iter_mut()
+            .find(|k| k.meta.id == result)
+            .ok_or(("unknown_result", format!("no result '{}' (or it is too old)", result.chars().take(64).collect::<String>())))?;
+        if matches!(kept.meta.state, ResultState::Approved | ResultState::Rejected) {
+            return Err(("already_decided", format!("result {result} is already {:?}", kept.meta.state)));
+        }
+        kept.meta.state = state;
+        let meta = kept.meta.clone();
+        let mut out = vec![Outgoing::State { meta: meta.clone() }];
+        if state == ResultState::Approved {
+            self.counters.approved += 1;
+            out.push(Outgoing::Approved {
+                meta,
+                before: kept.before.clone(),
+                after: kept.after.clone(),
+            });
+        } else {
+            self.counters.rejected += 1;
+        }
+        Ok(out)
+    }
+
+    fn apply_to(&mut self, template: &str, request: &str, reverse: bool, frame: Frame) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let t = self.load(template)?;
+        let t0 = Instant::now();
+        let out = self
+            .engine
+            .apply(&t.delta, &frame, reverse)
+            .map_err(|e| ("apply_failed", e.to_string()))?;
+        let score = self.engine.score(&t.source_hist, &frame);
+        let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
+        let jpeg = encode(&out, ImageKind::Jpeg).map_err(|e| ("encode_failed", e.to_string()))?;
+        self.seq += 1;
+        let meta = ResultMeta {
+            id: format!("r{}-{}", now_ms(), self.seq),
+            request_id: request.into(),
+            template: template.into(),
+            state: if score > self.review_threshold {
+                ResultState::NeedsReview
+            } else {
+                ResultState::Pending
+            },
+            score,
+            reverse,
+            width: out.width as u32,
+            height: out.height as u32,
+            latency_ms,
+            created_unix_ms: now_ms(),
+        };
+        self.counters.results += 1;
+        if self.results.len() >= RESULTS_KEPT {
+            self.results.pop_front();
+        }
+        self.results.push_back(Kept {
+            meta: meta.clone(),
+            before: small(&frame),
+            after: small(&out),
+        });
+        Ok(vec![Outgoing::Result { meta, jpeg }])
+    }
+
+    /// One capture for whoever waits for it (the armed template, or one `apply` of mode next).
+    pub fn capture_tick(&mut self) -> Vec<Outgoing> {
+        let job = self.pending_next.take().or_else(|| self.armed.clone());
+        let Some((template, request, reverse)) = job else {
+            return vec![];
+        };
+        let res = self.capture().and_then(|f| self.apply_to(&template, &request, reverse, f));
+        match res {
+            Ok(o) => o,
+            Err((code, msg)) => {
+                self.counters.errors += 1;
+                vec![event(Level::Error, code, msg, Some(&request))]
+            }
+        }
+    }
+}
+
+/// A display-sized copy (at most 480 px wide) kept with each result for the approval screen.
+fn small(f: &Frame) -> Frame {
+    let s = (f.width / 480).max(1);
+    if s == 1 {
+        return f.clone();
+    }
+    let (w, h) = (f.width / s, f.height / s);
+    let mut out = Frame::zeros(w, h);
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                out.data[(c * h + y) * w + x] = f.data[(c * f.height + y * s) * f.width + x * s];
+            }
+        }
+    }
+    out
+}
