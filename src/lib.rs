@@ -3,6 +3,7 @@
 //! Data flows through the modules in this order: `capture` (frames in) → `engine` (learn and
 //! apply templates) → `store` (templates on disk) → publish/display (the appliance).
 
+pub mod appliance;
 pub mod bench;
 pub mod capture;
 pub mod config;

@@ -143,7 +143,8 @@ fn b64(op: &str, field: &str, s: &str) -> Result<Vec<u8>, ProtocolError> {
 }
 
 pub fn parse_command(payload: &[u8]) -> Result<Command, ProtocolError> {
-    let v: Value = serde_json::from_slice(payload).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(payload).map_err(|e| ProtocolError::NotJson(e.to_string()))?;
     let Value::Object(mut map) = v else {
         return Err(ProtocolError::NotJson("not an object".into()));
     };
@@ -177,13 +178,22 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, ProtocolError> {
             let a: LearnArgs = args(&op, rest)?;
             Op::Learn {
                 name: a.name,
-                before_jpeg: a.before_jpeg_b64.map(|s| b64(&op, "before_jpeg_b64", &s)).transpose()?,
-                after_jpeg: a.after_jpeg_b64.map(|s| b64(&op, "after_jpeg_b64", &s)).transpose()?,
+                before_jpeg: a
+                    .before_jpeg_b64
+                    .map(|s| b64(&op, "before_jpeg_b64", &s))
+                    .transpose()?,
+                after_jpeg: a
+                    .after_jpeg_b64
+                    .map(|s| b64(&op, "after_jpeg_b64", &s))
+                    .transpose()?,
             }
         }
         "apply" => {
             let a: ApplyArgs = args(&op, rest)?;
-            let image = a.image_jpeg_b64.map(|s| b64(&op, "image_jpeg_b64", &s)).transpose()?;
+            let image = a
+                .image_jpeg_b64
+                .map(|s| b64(&op, "image_jpeg_b64", &s))
+                .transpose()?;
             if (a.mode == ApplyMode::Image) != image.is_some() {
                 return Err(ProtocolError::BadArgs {
                     op,
@@ -209,7 +219,11 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, ProtocolError> {
             name: args::<NameArgs>(&op, rest)?.name,
         },
         "templates.install" => Op::TemplatesInstall {
-            template: b64(&op, "template_b64", &args::<InstallArgs>(&op, rest)?.template_b64)?,
+            template: b64(
+                &op,
+                "template_b64",
+                &args::<InstallArgs>(&op, rest)?.template_b64,
+            )?,
         },
         _ => return Err(ProtocolError::UnknownOp(op.chars().take(40).collect())),
     };

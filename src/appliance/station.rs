@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::protocol::{ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, parse_command, request_id};
+use super::protocol::{
+    ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, parse_command, request_id,
+};
 use crate::capture::file::decode_image;
 use crate::capture::{FrameSource, ImageLimits};
 use crate::engine::Engine;
@@ -19,16 +21,31 @@ use crate::store::{SourcePair, Template, TemplateName, TemplateStore};
 pub const RESULTS_KEPT: usize = 256;
 
 pub enum Outgoing {
-    Result { meta: ResultMeta, jpeg: Vec<u8> },
+    Result {
+        meta: ResultMeta,
+        jpeg: Vec<u8>,
+    },
     /// A result's state changed (approve/reject).
-    State { meta: ResultMeta },
+    State {
+        meta: ResultMeta,
+    },
     Event(Event),
     /// Reply to templates.list.
-    Templates { request_id: String, names: Vec<TemplateInfo> },
+    Templates {
+        request_id: String,
+        names: Vec<TemplateInfo>,
+    },
     /// A template learned or installed here, for the fleet topic.
-    Fleet { name: String, file: Vec<u8> },
+    Fleet {
+        name: String,
+        file: Vec<u8>,
+    },
     /// The latest approved result, for the local display.
-    Approved { meta: ResultMeta, before: Frame, after: Frame },
+    Approved {
+        meta: ResultMeta,
+        before: Frame,
+        after: Frame,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -70,7 +87,12 @@ pub struct Station {
     pub counters: Counters,
 }
 
-fn event(level: Level, code: &str, message: impl Into<String>, request_id: Option<&str>) -> Outgoing {
+fn event(
+    level: Level,
+    code: &str,
+    message: impl Into<String>,
+    request_id: Option<&str>,
+) -> Outgoing {
     Outgoing::Event(Event {
         level,
         code: code.into(),
@@ -129,7 +151,12 @@ impl Station {
             Ok(c) => c,
             Err(e) => {
                 self.counters.errors += 1;
-                return vec![event(Level::Error, "bad_command", e.to_string(), request_id(payload).as_deref())];
+                return vec![event(
+                    Level::Error,
+                    "bad_command",
+                    e.to_string(),
+                    request_id(payload).as_deref(),
+                )];
             }
         };
         let id = cmd.id.clone();
@@ -181,11 +208,21 @@ impl Station {
         match cmd.op {
             Op::CaptureBefore => {
                 self.last_before = Some(self.capture()?);
-                Ok(vec![event(Level::Info, "captured", "before captured", Some(&id))])
+                Ok(vec![event(
+                    Level::Info,
+                    "captured",
+                    "before captured",
+                    Some(&id),
+                )])
             }
             Op::CaptureAfter => {
                 self.last_after = Some(self.capture()?);
-                Ok(vec![event(Level::Info, "captured", "after captured", Some(&id))])
+                Ok(vec![event(
+                    Level::Info,
+                    "captured",
+                    "after captured",
+                    Some(&id),
+                )])
             }
             Op::Learn {
                 name,
@@ -194,20 +231,40 @@ impl Station {
             } => {
                 let name = Self::name(&name)?;
                 let (before, after) = match (before_jpeg, after_jpeg) {
-                    (Some(b), Some(a)) => (self.decode("before_jpeg_b64", &b)?, self.decode("after_jpeg_b64", &a)?),
+                    (Some(b), Some(a)) => (
+                        self.decode("before_jpeg_b64", &b)?,
+                        self.decode("after_jpeg_b64", &a)?,
+                    ),
                     (None, None) => match (&self.last_before, &self.last_after) {
                         (Some(b), Some(a)) => (b.clone(), a.clone()),
-                        _ => return Err(("no_pair", "capture_before and capture_after first, or send both images".into())),
+                        _ => {
+                            return Err((
+                                "no_pair",
+                                "capture_before and capture_after first, or send both images"
+                                    .into(),
+                            ));
+                        }
                     },
-                    _ => return Err(("bad_command", "send both before_jpeg_b64 and after_jpeg_b64, or neither".into())),
+                    _ => {
+                        return Err((
+                            "bad_command",
+                            "send both before_jpeg_b64 and after_jpeg_b64, or neither".into(),
+                        ));
+                    }
                 };
                 if (before.width, before.height) != (after.width, after.height) {
-                    return Err(("pair_size", format!(
-                        "before is {}x{} but after is {}x{}",
-                        before.width, before.height, after.width, after.height
-                    )));
+                    return Err((
+                        "pair_size",
+                        format!(
+                            "before is {}x{} but after is {}x{}",
+                            before.width, before.height, after.width, after.height
+                        ),
+                    ));
                 }
-                let learned = self.engine.learn(&[(before.clone(), after.clone())]).map_err(|e| ("learn_failed", e.to_string()))?;
+                let learned = self
+                    .engine
+                    .learn(&[(before.clone(), after.clone())])
+                    .map_err(|e| ("learn_failed", e.to_string()))?;
                 let thumb = |f: &Frame| {
                     Frame {
                         width: crate::store::THUMB_SIDE,
@@ -233,7 +290,9 @@ impl Station {
                     delta: learned.delta,
                     source_hist: learned.source_hist,
                 };
-                self.store.save(&t).map_err(|e| ("store_failed", e.to_string()))?;
+                self.store
+                    .save(&t)
+                    .map_err(|e| ("store_failed", e.to_string()))?;
                 let file = t.encode().map_err(|e| ("store_failed", e.to_string()))?;
                 Ok(vec![
                     event(
@@ -263,11 +322,21 @@ impl Station {
                     }
                     ApplyMode::Next => {
                         self.pending_next = Some((template, id.clone(), reverse));
-                        Ok(vec![event(Level::Info, "waiting", "applies to the next capture", Some(&id))])
+                        Ok(vec![event(
+                            Level::Info,
+                            "waiting",
+                            "applies to the next capture",
+                            Some(&id),
+                        )])
                     }
                     ApplyMode::Armed => {
                         self.armed = Some((template, id.clone(), reverse));
-                        Ok(vec![event(Level::Info, "armed", "applies to every capture until disarm", Some(&id))])
+                        Ok(vec![event(
+                            Level::Info,
+                            "armed",
+                            "applies to every capture until disarm",
+                            Some(&id),
+                        )])
                     }
                 }
             }
@@ -293,7 +362,10 @@ impl Station {
                         })
                     })
                     .collect();
-                Ok(vec![Outgoing::Templates { request_id: id, names }])
+                Ok(vec![Outgoing::Templates {
+                    request_id: id,
+                    names,
+                }])
             }
             Op::TemplatesDelete { name } => {
                 self.store
@@ -302,28 +374,65 @@ impl Station {
                 if self.armed.as_ref().is_some_and(|a| a.0 == name) {
                     self.armed = None;
                 }
-                Ok(vec![event(Level::Info, "deleted", format!("deleted {name}"), Some(&id))])
+                Ok(vec![event(
+                    Level::Info,
+                    "deleted",
+                    format!("deleted {name}"),
+                    Some(&id),
+                )])
             }
             Op::TemplatesInstall { template } => {
-                let t = Template::from_bytes(&template).map_err(|e| ("bad_template", e.to_string()))?;
+                let t =
+                    Template::from_bytes(&template).map_err(|e| ("bad_template", e.to_string()))?;
                 if t.model_hash != self.engine.models.hash {
-                    return Err(("wrong_model", format!("template {} is for model {}", t.name, t.model_hash)));
+                    return Err((
+                        "wrong_model",
+                        format!("template {} is for model {}", t.name, t.model_hash),
+                    ));
                 }
-                self.store.save(&t).map_err(|e| ("store_failed", e.to_string()))?;
-                Ok(vec![event(Level::Info, "installed", format!("installed {}", t.name), Some(&id))])
+                self.store
+                    .save(&t)
+                    .map_err(|e| ("store_failed", e.to_string()))?;
+                Ok(vec![event(
+                    Level::Info,
+                    "installed",
+                    format!("installed {}", t.name),
+                    Some(&id),
+                )])
             }
-            Op::Status => Ok(vec![event(Level::Info, "status", "status published", Some(&id))]),
+            Op::Status => Ok(vec![event(
+                Level::Info,
+                "status",
+                "status published",
+                Some(&id),
+            )]),
         }
     }
 
-    fn decide(&mut self, result: &str, state: ResultState) -> Result<Vec<Outgoing>, (&'static str, String)> {
+    fn decide(
+        &mut self,
+        result: &str,
+        state: ResultState,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let kept = self
             .results
             .iter_mut()
             .find(|k| k.meta.id == result)
-            .ok_or(("unknown_result", format!("no result '{}' (or it is too old)", result.chars().take(64).collect::<String>())))?;
-        if matches!(kept.meta.state, ResultState::Approved | ResultState::Rejected) {
-            return Err(("already_decided", format!("result {result} is already {:?}", kept.meta.state)));
+            .ok_or((
+                "unknown_result",
+                format!(
+                    "no result '{}' (or it is too old)",
+                    result.chars().take(64).collect::<String>()
+                ),
+            ))?;
+        if matches!(
+            kept.meta.state,
+            ResultState::Approved | ResultState::Rejected
+        ) {
+            return Err((
+                "already_decided",
+                format!("result {result} is already {:?}", kept.meta.state),
+            ));
         }
         kept.meta.state = state;
         let meta = kept.meta.clone();
@@ -341,7 +450,13 @@ impl Station {
         Ok(out)
     }
 
-    fn apply_to(&mut self, template: &str, request: &str, reverse: bool, frame: Frame) -> Result<Vec<Outgoing>, (&'static str, String)> {
+    fn apply_to(
+        &mut self,
+        template: &str,
+        request: &str,
+        reverse: bool,
+        frame: Frame,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let t = self.load(template)?;
         let t0 = Instant::now();
         let out = self
@@ -386,7 +501,9 @@ impl Station {
         let Some((template, request, reverse)) = job else {
             return vec![];
         };
-        let res = self.capture().and_then(|f| self.apply_to(&template, &request, reverse, f));
+        let res = self
+            .capture()
+            .and_then(|f| self.apply_to(&template, &request, reverse, f));
         match res {
             Ok(o) => o,
             Err((code, msg)) => {
