@@ -66,7 +66,10 @@ enum Cmd {
     },
     /// Time learn and apply (float and int8), peak RSS, and onnxruntime on the same models.
     Bench(takumi::bench::BenchArgs),
-    /// Learn the shipped sample pair and apply it to the sample captures, into ./takumi-demo/.
+    /// Run the station service (MQTT, camera, display) until stopped.
+    Run,
+    /// Start the host profile and drive it over MQTT: learn the sample pair, apply it to the
+    /// sample captures, approve the results; writes ./takumi-demo/.
     Demo {
         #[arg(long, default_value = "models/samples")]
         samples: PathBuf,
@@ -84,7 +87,11 @@ enum TemplatesCmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("TAKUMI_LOG"))
+        // rumqttd logs every client disconnect as an error; it stays quiet unless asked for
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TAKUMI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -124,8 +131,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => apply(&cfg, &template, &input, &output, reverse),
         Cmd::Templates { cmd } => templates(&cfg, cmd),
         Cmd::Bench(args) => takumi::bench::run(&cfg, &args).map_err(Into::into),
-        Cmd::Demo { samples, out } => demo(&cfg, &samples, &out),
+        Cmd::Run => {
+            if cli.config.is_none() {
+                bail!("run needs --config FILE (for example board/host.toml)");
+            }
+            runtime()?.block_on(async {
+                let svc = takumi::appliance::service::start(cfg).await?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                svc.stop().await?;
+                anyhow::Ok(())
+            })
+        }
+        Cmd::Demo { samples, out } => {
+            let cfg = if cli.config.is_none() {
+                Config::load(Path::new("board/host.toml"))?
+            } else {
+                cfg
+            };
+            runtime()?.block_on(takumi::appliance::demo::run(cfg, &samples, &out))?;
+            Ok(())
+        }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn engine(cfg: &Config) -> anyhow::Result<Engine> {
@@ -351,61 +389,5 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
             println!("removed {name}");
         }
     }
-    Ok(())
-}
-
-/// The offline demo: learn from the sample pair, apply to every sample capture, score against
-/// the ground truth shipped beside them.
-fn demo(cfg: &Config, samples: &Path, out: &Path) -> anyhow::Result<()> {
-    let t0 = std::time::Instant::now();
-    let eng = engine(cfg)?;
-    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (a, _) = load_image(&samples.join("pair_before.jpg"), &cfg.limits)?;
-    let (a2, _) = load_image(&samples.join("pair_after.jpg"), &cfg.limits)?;
-    let t1 = std::time::Instant::now();
-    let learned = eng.learn(&[(a, a2)])?;
-    println!(
-        "models loaded in {load_ms:.0} ms ({}, {} threads); learned 'sample' in {:.0} ms, self-PSNR {:.2} dB",
-        cfg.engine.precision,
-        eng.threads,
-        t1.elapsed().as_secs_f64() * 1e3,
-        learned.card.self_psnr_db
-    );
-    std::fs::create_dir_all(out).map_err(|e| Error::Output {
-        path: out.into(),
-        reason: e.to_string(),
-    })?;
-    let mut caps: Vec<PathBuf> = std::fs::read_dir(samples.join("captures"))
-        .with_context(|| format!("{}: cannot list captures", samples.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_image(p))
-        .collect();
-    caps.sort();
-    for c in caps {
-        let (b, _) = load_image(&c, &cfg.limits)?;
-        let t = std::time::Instant::now();
-        let r = eng.apply(&learned.delta, &b, false)?;
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        let name = c.file_name().unwrap_or_default();
-        let dst = out.join(name);
-        PendingFile::write(&dst, &encode(&r, ImageKind::Jpeg)?)?.commit()?;
-        let truth = samples.join("expected").join(name);
-        let score = eng.score(&learned.source_hist, &b);
-        let vs = match load_image(&truth, &cfg.limits) {
-            Ok((t, _)) => format!(
-                ", PSNR {:.2} dB vs ground truth (unedited {:.2})",
-                takumi::frame::psnr(&r, &t),
-                takumi::frame::psnr(&b, &t)
-            ),
-            Err(_) => String::new(),
-        };
-        println!(
-            "{} {}x{}: {ms:.1} ms, quality score {score:.2}{vs}",
-            dst.display(),
-            b.width,
-            b.height
-        );
-    }
-    println!("done in {:.2} s", t0.elapsed().as_secs_f64());
     Ok(())
 }

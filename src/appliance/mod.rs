@@ -1,4 +1,6 @@
 //! The appliance: the station pipeline driven by MQTT commands.
 
+pub mod demo;
 pub mod protocol;
+pub mod service;
 pub mod station;

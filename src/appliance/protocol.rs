@@ -28,6 +28,8 @@ pub enum ApplyMode {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
+    /// Capture now for whoever waits (an armed template or an `apply` of mode next).
+    Trigger,
     CaptureBefore,
     CaptureAfter,
     /// From the last before/after captures, or from the images sent in the command.
@@ -164,9 +166,10 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, ProtocolError> {
         })
     }
     let parsed = match op.as_str() {
-        "capture_before" | "capture_after" | "disarm" | "templates.list" | "status" => {
+        "trigger" | "capture_before" | "capture_after" | "disarm" | "templates.list" | "status" => {
             args::<NoArgs>(&op, rest)?;
             match op.as_str() {
+                "trigger" => Op::Trigger,
                 "capture_before" => Op::CaptureBefore,
                 "capture_after" => Op::CaptureAfter,
                 "disarm" => Op::Disarm,

@@ -206,6 +206,15 @@ impl Station {
     fn run(&mut self, cmd: Command) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let id = cmd.id;
         match cmd.op {
+            Op::Trigger => {
+                if !self.wants_capture() {
+                    return Err((
+                        "not_armed",
+                        "trigger: no template is armed or waiting for a capture".into(),
+                    ));
+                }
+                Ok(self.capture_tick())
+            }
             Op::CaptureBefore => {
                 self.last_before = Some(self.capture()?);
                 Ok(vec![event(
@@ -493,6 +502,47 @@ impl Station {
             after: small(&out),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
+    }
+
+    /// A template from the fleet topic: installed when it is for this station's model and new.
+    pub fn install_fleet(&mut self, file: &[u8]) -> Vec<Outgoing> {
+        let t = match Template::from_bytes(file) {
+            Ok(t) => t,
+            Err(e) => {
+                return vec![event(
+                    Level::Warning,
+                    "bad_template",
+                    format!("fleet template refused: {e}"),
+                    None,
+                )];
+            }
+        };
+        if t.model_hash != self.engine.models.hash {
+            return vec![event(
+                Level::Warning,
+                "wrong_model",
+                format!(
+                    "fleet template {} is for model {}, not installed",
+                    t.name, t.model_hash
+                ),
+                None,
+            )];
+        }
+        if self.store.load(&t.name).is_ok_and(|old| old == t) {
+            return vec![];
+        }
+        match self.store.save(&t) {
+            Ok(()) => vec![event(
+                Level::Info,
+                "installed",
+                format!("installed fleet template {}", t.name),
+                None,
+            )],
+            Err(e) => {
+                self.counters.errors += 1;
+                vec![event(Level::Error, "store_failed", e.to_string(), None)]
+            }
+        }
     }
 
     /// One capture for whoever waits for it (the armed template, or one `apply` of mode next).

@@ -1,3 +1,6 @@
-//! Results out. For now: image files.
+//! Results out: image files, MQTT (with the on-disk outbox) and the embedded broker.
 
+pub mod broker;
 pub mod file;
+pub mod mqtt;
+pub mod outbox;

@@ -1,0 +1,382 @@
+//! Durable outbox: one file per message until the broker's PUBACK for it arrives.
+//!
+//! Entry file `<seq:020>.msg`, little-endian:
+//! `b"TKOB" | version u8 | qos u8 | flags u8 (bit 0 = retain) | 0u8 | seq u64 | topic_len u32 |
+//! payload_len u64 | topic | payload | blake3(all bytes before it)`.
+//! A file whose length, header or hash does not match (a torn write, a bad disk) is deleted on
+//! open with a warning; the link then never sends it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use super::mqtt::LinkError;
+
+const MAGIC: &[u8; 4] = b"TKOB";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 28;
+const HASH_LEN: usize = 32;
+const ENTRY_EXT: &str = "msg";
+const TMP_EXT: &str = "tmp";
+/// Highest sequence number handed out, reserved in blocks so a restart never reuses one even
+/// when every entry has been acked and deleted.
+const SEQ_FILE: &str = "seq.next";
+const SEQ_BLOCK: u64 = 1024;
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    pub seq: u64,
+    pub topic: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub payload: Vec<u8>,
+}
+
+/// A bounded directory of messages waiting for their PUBACK. One `Outbox` (and one link) per
+/// directory: a second user would send and delete the first one's entries.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    max_entries: usize,
+    max_bytes: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// seq -> file size in bytes
+    entries: BTreeMap<u64, u64>,
+    bytes: u64,
+    next_seq: u64,
+    /// Seqs handed out whose files are still being written, and their sizes.
+    writing: BTreeSet<u64>,
+    writing_bytes: u64,
+    /// Sequence numbers below this are reserved on disk.
+    reserved_to: u64,
+}
+
+impl Outbox {
+    /// Opens (creating if needed) the outbox in `dir`, dropping leftover temp files and
+    /// entries that fail their integrity check. Reads every entry once (at most `max_bytes`
+    /// from a run with the same bounds).
+    pub fn open(
+        dir: impl AsRef<Path>,
+        max_entries: usize,
+        max_bytes: u64,
+    ) -> Result<Outbox, LinkError> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| LinkError::io(&dir, e))?;
+        let mut entries = BTreeMap::new();
+        let mut bytes = 0u64;
+        let mut max_seq = 0u64;
+        let listing = fs::read_dir(&dir).map_err(|e| LinkError::io(&dir, e))?;
+        for item in listing {
+            let item = item.map_err(|e| LinkError::io(&dir, e))?;
+            let path = item.path();
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if ext == TMP_EXT {
+                // A write that never reached its rename: the caller never got a seq for it.
+                remove_logged(&path, "unfinished write");
+                continue;
+            }
+            if ext != ENTRY_EXT {
+                continue;
+            }
+            let Some(seq) = seq_of(&path) else {
+                tracing::warn!(path = %path.display(), "outbox: ignoring file with a foreign name");
+                continue;
+            };
+            match read_entry(&path, seq) {
+                Ok(_) => {
+                    let len = item.metadata().map_err(|e| LinkError::io(&path, e))?.len();
+                    entries.insert(seq, len);
+                    bytes += len;
+                    max_seq = max_seq.max(seq);
+                }
+                Err(ReadError::Corrupt(reason)) => {
+                    tracing::warn!(path = %path.display(), %reason, "outbox: discarding damaged entry");
+                    remove_logged(&path, "damaged entry");
+                    // Its seq was handed out; never hand it out again.
+                    max_seq = max_seq.max(seq);
+                }
+                Err(ReadError::Io(e)) => return Err(LinkError::io(&path, e)),
+            }
+        }
+        let reserved = read_seq_file(&dir.join(SEQ_FILE))?;
+        let next_seq = (max_seq + 1).max(reserved).max(1);
+        sync_dir(&dir)?;
+        if !entries.is_empty() {
+            tracing::info!(entries = entries.len(), bytes, dir = %dir.display(), "outbox: pending entries from a previous run");
+        }
+        Ok(Outbox {
+            dir,
+            max_entries,
+            max_bytes,
+            state: Mutex::new(State {
+                entries,
+                bytes,
+                next_seq,
+                writing: BTreeSet::new(),
+                writing_bytes: 0,
+                reserved_to: reserved,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stores a QoS 1 message durably (temp file, fsync, rename, fsync dir) and returns its
+    /// sequence number. Fails with `Full` over the bounds and leaves nothing behind on error.
+    pub fn push(&self, topic: &str, payload: &[u8], retain: bool) -> Result<u64, LinkError> {
+        let size = (HEADER_LEN + topic.len() + payload.len() + HASH_LEN) as u64;
+        let seq = {
+            let mut st = self.lock();
+            let entries = st.entries.len() + st.writing.len();
+            let bytes = st.bytes + st.writing_bytes;
+            if entries >= self.max_entries || bytes + size > self.max_bytes {
+                return Err(LinkError::Full { entries, bytes });
+            }
+            let seq = st.next_seq;
+            if seq >= st.reserved_to {
+                let upto = seq + SEQ_BLOCK;
+                write_atomic(&self.dir, SEQ_FILE, &[&upto.to_le_bytes()])?;
+                st.reserved_to = upto;
+            }
+            st.next_seq = seq + 1;
+            st.writing.insert(seq);
+            st.writing_bytes += size;
+            seq
+        };
+        // Written without the lock so acks (from the network task) never wait for an fsync.
+        let header = encode_header(seq, topic, payload.len(), retain);
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&header);
+        hasher.update(topic.as_bytes());
+        hasher.update(payload);
+        let hash = hasher.finalize();
+        let name = entry_name(seq);
+        let parts: [&[u8]; 4] = [&header, topic.as_bytes(), payload, hash.as_bytes()];
+        let written = write_atomic(&self.dir, &name, &parts);
+        if written.is_err() {
+            // The rename may have happened before the dir fsync failed: the caller is told
+            // "not stored", so make that true.
+            let _ = fs::remove_file(self.dir.join(&name));
+        }
+        let mut st = self.lock();
+        st.writing.remove(&seq);
+        st.writing_bytes -= size;
+        written?;
+        st.entries.insert(seq, size);
+        st.bytes += size;
+        Ok(seq)
+    }
+
+    /// Sequence numbers of all stored entries, oldest first.
+    pub fn pending(&self) -> Vec<u64> {
+        self.lock().entries.keys().copied().collect()
+    }
+
+    /// The oldest stored entry with a sequence number above `seq`. Entries appear in seq order:
+    /// none is returned while an older one is still being written, so a sender walking
+    /// upwards from its last seq skips nothing.
+    pub fn next_after(&self, seq: u64) -> Option<u64> {
+        let st = self.lock();
+        let limit = st.writing.first().copied().unwrap_or(u64::MAX);
+        st.entries.range(seq + 1..limit).next().map(|(s, _)| *s)
+    }
+
+    /// Reads one entry. `Ok(None)` when it is gone (acked) or was damaged (then it is deleted
+    /// and logged: resending garbage helps nobody).
+    pub fn read(&self, seq: u64) -> Result<Option<OutboxEntry>, LinkError> {
+        if !self.lock().entries.contains_key(&seq) {
+            return Ok(None);
+        }
+        let path = self.dir.join(entry_name(seq));
+        match read_entry(&path, seq) {
+            Ok(e) => Ok(Some(e)),
+            Err(ReadError::Io(e)) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget(seq);
+                Ok(None)
+            }
+            Err(ReadError::Io(e)) => Err(LinkError::io(&path, e)),
+            Err(ReadError::Corrupt(reason)) => {
+                tracing::error!(path = %path.display(), %reason, "outbox: discarding damaged entry");
+                self.ack(seq)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Deletes an entry once the broker has it. No directory fsync: after a crash the entry may
+    /// come back and be sent again, which at-least-once allows.
+    pub fn ack(&self, seq: u64) -> Result<(), LinkError> {
+        let mut st = self.lock();
+        let Some(size) = st.entries.remove(&seq) else {
+            return Ok(());
+        };
+        st.bytes -= size;
+        drop(st);
+        let path = self.dir.join(entry_name(seq));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(LinkError::io(&path, e)),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes on disk for all entries.
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+
+    fn forget(&self, seq: u64) {
+        let mut st = self.lock();
+        if let Some(size) = st.entries.remove(&seq) {
+            st.bytes -= size;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere cannot leave State inconsistent (plain fields, updated last).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn entry_name(seq: u64) -> String {
+    format!("{seq:020}.{ENTRY_EXT}")
+}
+
+fn seq_of(path: &Path) -> Option<u64> {
+    let stem = path.file_stem()?.to_str()?;
+    if stem.len() != 20 {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+fn encode_header(seq: u64, topic: &str, payload_len: usize, retain: bool) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(MAGIC);
+    h[4] = VERSION;
+    h[5] = 1; // QoS 1: the outbox exists for PUBACKs
+    h[6] = u8::from(retain);
+    h[8..16].copy_from_slice(&seq.to_le_bytes());
+    h[16..20].copy_from_slice(&(topic.len() as u32).to_le_bytes());
+    h[20..28].copy_from_slice(&(payload_len as u64).to_le_bytes());
+    h
+}
+
+enum ReadError {
+    Io(io::Error),
+    Corrupt(String),
+}
+
+fn read_entry(path: &Path, seq: u64) -> Result<OutboxEntry, ReadError> {
+    let mut buf = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut buf))
+        .map_err(ReadError::Io)?;
+    let bad = |r: &str| Err(ReadError::Corrupt(r.to_string()));
+    if buf.len() < HEADER_LEN + HASH_LEN {
+        return bad("shorter than a header");
+    }
+    if &buf[0..4] != MAGIC || buf[4] != VERSION {
+        return bad("unknown magic or version");
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
+    let topic_len = u32::from_le_bytes(buf[16..20].try_into().expect("4 bytes")) as u64;
+    let payload_len = u64_at(20);
+    let expect = HEADER_LEN as u64 + topic_len + payload_len + HASH_LEN as u64;
+    if buf.len() as u64 != expect {
+        return bad(&format!("length {} but header says {expect}", buf.len()));
+    }
+    if u64_at(8) != seq {
+        return bad(&format!("header seq {} differs from file name", u64_at(8)));
+    }
+    let body_end = buf.len() - HASH_LEN;
+    if blake3::hash(&buf[..body_end]).as_bytes() != &buf[body_end..] {
+        return bad("checksum mismatch");
+    }
+    let qos = buf[5];
+    let retain = buf[6] & 1 == 1;
+    let topic_end = HEADER_LEN + topic_len as usize;
+    let Ok(topic) = std::str::from_utf8(&buf[HEADER_LEN..topic_end]).map(str::to_owned) else {
+        return bad("topic is not UTF-8");
+    };
+    buf.truncate(body_end);
+    let payload = buf.split_off(topic_end);
+    Ok(OutboxEntry {
+        seq,
+        topic,
+        qos,
+        retain,
+        payload,
+    })
+}
+
+fn read_seq_file(path: &Path) -> Result<u64, LinkError> {
+    match fs::read(path) {
+        Ok(b) if b.len() == 8 => Ok(u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+        Ok(_) => {
+            // Written by rename, so this is not a torn write but foreign damage.
+            tracing::warn!(path = %path.display(), "outbox: ignoring malformed sequence file");
+            Ok(0)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(LinkError::io(path, e)),
+    }
+}
+
+/// temp file + fsync + rename + fsync dir; on any error the temp file is removed.
+fn write_atomic(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), LinkError> {
+    let tmp = dir.join(format!("{name}.{TMP_EXT}"));
+    let dst = dir.join(name);
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(LinkError::io(&tmp, e));
+    }
+    if let Err(e) = fs::rename(&tmp, &dst) {
+        let _ = fs::remove_file(&tmp);
+        return Err(LinkError::io(&dst, e));
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LinkError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LinkError::io(dir, e))
+}
+
+fn remove_logged(path: &Path, what: &str) {
+    match fs::remove_file(path) {
+        Ok(()) => tracing::warn!(path = %path.display(), "outbox: removed {what}"),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "outbox: cannot remove {what}")
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! The station end to end over a real broker: mosquitto (started here on a free loopback port)
+//! and the embedded rumqttd. An independent client plays the line controller.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::{Value, json};
+use takumi::capture::SourceConfig;
+use takumi::config::{Config, DisplayKind};
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// mosquitto on a free loopback port, or None (skipped) when it is not installed outside CI.
+fn mosquitto() -> Option<Mosquitto> {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(bin) = bin else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mosquitto is not installed, and CI=true: .ci/run must install it"
+        );
+        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+        return None;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("m.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 16777216\nuser root\n"),
+    )
+    .unwrap();
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(Mosquitto {
+                child,
+                port,
+                _dir: dir,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("mosquitto did not start");
+}
+
+/// A station config on `dir`, camera = a folder holding the sample pair (before, then after).
+fn station_cfg(dir: &Path, id: &str, port: u16, embedded: bool) -> Config {
+    let cam = dir.join(format!("cam-{id}"));
+    std::fs::create_dir_all(&cam).unwrap();
+    std::fs::copy(samples().join("pair_before.jpg"), cam.join("0_before.jpg")).unwrap();
+    std::fs::copy(samples().join("pair_after.jpg"), cam.join("1_after.jpg")).unwrap();
+    let mut cfg = Config::default();
+    cfg.engine.models = models();
+    cfg.engine.threads = 2;
+    cfg.store.dir = dir.join(format!("store-{id}"));
+    cfg.outbox.dir = dir.join(format!("outbox-{id}"));
+    cfg.station.id = id.into();
+    cfg.station.max_payload_bytes = 1 << 20;
+    cfg.camera = SourceConfig::Dir {
+        path: cam,
+        looping: true,
+    };
+    cfg.mqtt.port = port;
+    cfg.broker.embedded = embedded;
+    cfg.display.kind = DisplayKind::Png;
+    cfg.display.path = dir.join(format!("display-{id}.png"));
+    cfg.display.width = 480;
+    cfg.display.height = 320;
+    cfg
+}
+
+struct Line {
+    client: AsyncClient,
+    rx: tokio::sync::mpsc::Receiver<(String, Vec<u8>)>,
+}
+
+async fn line(port: u16, filter: &str) -> Line {
+    let mut o = MqttOptions::new(format!("line-{}", free_port()), "127.0.0.1", port);
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut ev) = AsyncClient::new(o, 64);
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        while let Ok(e) = ev.poll().await {
+            if let Event::Incoming(Packet::Publish(p)) = e {
+                let _ = tx.send((p.topic.clone(), p.payload.to_vec())).await;
+            }
+        }
+    });
+    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    Line { client, rx }
+}
+
+impl Line {
+    async fn send(&self, station: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(
+                format!("takumi/{station}/cmd"),
+                QoS::AtLeastOnce,
+                false,
+                payload.into(),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn wait(
+        &mut self,
+        secs: u64,
+        mut f: impl FnMut(&str, &[u8]) -> bool,
+    ) -> (String, Vec<u8>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .expect("timed out waiting for the station")
+                .expect("client closed");
+            if f(&m.0, &m.1) {
+                return m;
+            }
+        }
+    }
+
+    async fn event(&mut self, station: &str, request: &str) -> Value {
+        let t = format!("takumi/{station}/event");
+        let (_, p) = self
+            .wait(60, |topic, p| {
+                topic == t
+                    && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["request_id"] == request)
+            })
+            .await;
+        serde_json::from_slice(&p).unwrap()
+    }
+
+    async fn online(&mut self, station: &str) {
+        let t = format!("takumi/{station}/available");
+        self.wait(30, |topic, p| topic == t && p == b"online").await;
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// command → capture → learn → apply → approve, checked by an independent subscriber.
+async fn round_trip(cfg: Config, port: u16) {
+    let svc = takumi::appliance::service::start(cfg.clone())
+        .await
+        .unwrap();
+    let port = svc.broker_port.unwrap_or(port);
+    let mut l = line(port, "takumi/#").await;
+    l.online("s1").await;
+    l.send(
+        "s1",
+        json!({"id": "c1", "op": "capture_before"}).to_string(),
+    )
+    .await;
+    assert_eq!(l.event("s1", "c1").await["code"], "captured");
+    l.send("s1", json!({"id": "c2", "op": "capture_after"}).to_string())
+        .await;
+    assert_eq!(l.event("s1", "c2").await["code"], "captured");
+    l.send(
+        "s1",
+        json!({"id": "l1", "op": "learn", "name": "polish"}).to_string(),
+    )
+    .await;
+    let e = l.event("s1", "l1").await;
+    assert_eq!(e["code"], "learned", "{e}");
+    l.send(
+        "s1",
+        json!({"id": "a1", "op": "apply", "template": "polish", "mode": "next"}).to_string(),
+    )
+    .await;
+    assert_eq!(l.event("s1", "a1").await["code"], "waiting");
+    l.send("s1", json!({"id": "t1", "op": "trigger"}).to_string())
+        .await;
+    // the camera loops: the next capture is the pair's before image again
+    let (_, img) = l
+        .wait(60, |t, _| {
+            t.starts_with("takumi/s1/result/") && t.ends_with("/image")
+        })
+        .await;
+    let (_, meta) = l
+        .wait(60, |t, _| {
+            t.starts_with("takumi/s1/result/") && !t.ends_with("/image")
+        })
+        .await;
+    let meta: Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(meta["request_id"], "a1");
+    assert!(
+        matches!(meta["state"].as_str(), Some("pending" | "needs_review")),
+        "{meta}"
+    );
+    let got = takumi::capture::file::decode_image(&img, &Default::default()).unwrap();
+    let (before, _) =
+        takumi::capture::load_image(&samples().join("pair_before.jpg"), &Default::default())
+            .unwrap();
+    // the image is the template's edit of the capture: the engine, run here on the stored
+    // template, gives the same picture up to JPEG loss
+    let store = takumi::store::TemplateStore::open(&cfg.store.dir).unwrap();
+    let t = store
+        .load(&takumi::store::TemplateName::new("polish").unwrap())
+        .unwrap();
+    let engine =
+        takumi::engine::Engine::load(&models(), takumi::engine::Precision::Float, 1).unwrap();
+    let want = engine.apply(&t.delta, &before, false).unwrap();
+    let to_want = takumi::frame::psnr(&got, &want);
+    let to_before = takumi::frame::psnr(&got, &before);
+    assert!(
+        to_want > 35.0,
+        "result differs from the edit: {to_want:.1} dB"
+    );
+    assert!(
+        to_before < to_want - 5.0,
+        "result looks unedited: {to_before:.1} dB"
+    );
+    let id = meta["id"].as_str().unwrap().to_string();
+    l.send(
+        "s1",
+        json!({"id": "ok1", "op": "approve", "result": id}).to_string(),
+    )
+    .await;
+    let topic = format!("takumi/s1/result/{id}");
+    l.wait(30, |t, p| {
+        t == topic && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["state"] == "approved")
+    })
+    .await;
+    for _ in 0..50 {
+        if cfg.display.path.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        cfg.display.path.exists(),
+        "the approved result was not displayed"
+    );
+    svc.stop().await.unwrap();
+}
+
+#[test]
+fn round_trip_over_mosquitto() {
+    let Some(m) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    rt().block_on(round_trip(
+        station_cfg(d.path(), "s1", m.port, false),
+        m.port,
+    ));
+}
+
+#[test]
+fn round_trip_over_the_embedded_broker() {
+    let d = tempfile::tempdir().unwrap();
+    rt().block_on(round_trip(station_cfg(d.path(), "s1", 0, true), 0));
+}
+
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn bad_payloads_give_error_events_and_change_nothing() {
+    let Some(m) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let cfg = station_cfg(d.path(), "s1", m.port, false);
+    rt().block_on(async {
+        let svc = takumi::appliance::service::start(cfg.clone()).await.unwrap();
+        let mut l = line(m.port, "takumi/#").await;
+        l.online("s1").await;
+        learn_over_mqtt(&mut l).await;
+        let store_before = listing(&cfg.store.dir);
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json at all".to_vec(), "bad_command"),
+            (json!({"id": "b1", "op": "explode"}).to_string().into_bytes(), "bad_command"),
+            (json!({"id": "b2", "op": "apply", "template": 42}).to_string().into_bytes(), "bad_command"),
+            (json!({"id": "b3", "op": "learn", "name": "x", "extra": 1}).to_string().into_bytes(), "bad_command"),
+            (json!({"id": "b4", "op": "apply", "template": "nosuch", "mode": "next"}).to_string().into_bytes(), "unknown_template"),
+            (json!({"id": "b5", "op": "approve", "result": "r-does-not-exist"}).to_string().into_bytes(), "unknown_result"),
+            (json!({"id": "b6", "op": "learn", "name": "../evil"}).to_string().into_bytes(), "bad_name"),
+            (json!({"id": "b7", "op": "apply", "template": "polish", "mode": "image", "image_jpeg_b64": "AAAA"}).to_string().into_bytes(), "bad_image"),
+            (vec![b'x'; (1 << 20) + 10], "bad_command"),
+        ];
+        for (payload, code) in cases {
+            l.send("s1", payload.clone()).await;
+            let (_, p) = l
+                .wait(30, |t, p| t == "takumi/s1/event" && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["level"] == "error"))
+                .await;
+            let v: Value = serde_json::from_slice(&p).unwrap();
+            assert_eq!(v["code"], code, "payload {:?}: {v}", String::from_utf8_lossy(&payload[..payload.len().min(80)]));
+        }
+        assert_eq!(listing(&cfg.store.dir), store_before, "a bad command changed the store");
+        // the station still works
+        l.send("s1", json!({"id": "s", "op": "templates.list"}).to_string()).await;
+        let (_, p) = l.wait(30, |t, _| t == "takumi/s1/templates").await;
+        assert!(String::from_utf8_lossy(&p).contains("polish"));
+        svc.stop().await.unwrap();
+    });
+}
+
+async fn learn_over_mqtt(l: &mut Line) {
+    let b64 =
+        |p: PathBuf| base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap());
+    l.send(
+        "s1",
+        json!({"id": "learn", "op": "learn", "name": "polish",
+            "before_jpeg_b64": b64(samples().join("pair_before.jpg")),
+            "after_jpeg_b64": b64(samples().join("pair_after.jpg"))})
+        .to_string(),
+    )
+    .await;
+    let e = l.event("s1", "learn").await;
+    assert_eq!(e["code"], "learned", "{e}");
+}
+
+#[test]
+fn a_template_learned_on_one_station_installs_on_another() {
+    let Some(m) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let c1 = station_cfg(d.path(), "s1", m.port, false);
+    let c2 = station_cfg(d.path(), "s2", m.port, false);
+    rt().block_on(async {
+        let s1 = takumi::appliance::service::start(c1).await.unwrap();
+        let s2 = takumi::appliance::service::start(c2.clone()).await.unwrap();
+        let mut l = line(m.port, "takumi/#").await;
+        l.online("s1").await;
+        l.online("s2").await;
+        learn_over_mqtt(&mut l).await;
+        l.wait(60, |t, p| {
+            t == "takumi/s2/event"
+                && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["code"] == "installed")
+        })
+        .await;
+        assert!(c2.store.dir.join("polish.tkt").exists());
+        l.send(
+            "s2",
+            json!({"id": "x", "op": "apply", "template": "polish", "mode": "next"}).to_string(),
+        )
+        .await;
+        assert_eq!(l.event("s2", "x").await["code"], "waiting");
+        s1.stop().await.unwrap();
+        s2.stop().await.unwrap();
+    });
+}
+
+#[test]
+fn board_profiles_parse() {
+    for p in ["host", "rpi4", "rpi5", "jetson-orin-nano"] {
+        Config::load(&repo().join(format!("board/{p}.toml")))
+            .unwrap_or_else(|e| panic!("{p}: {e}"));
+    }
+}
