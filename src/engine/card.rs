@@ -12,6 +12,13 @@ fn lin(v: f32) -> f32 {
     }
 }
 
+/// sRGB decoding of the 256 8-bit levels: captures are 8-bit, and powf per pixel cost more than
+/// the rest of `learn`.
+fn lin_lut() -> &'static [f32; 256] {
+    static LUT: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| std::array::from_fn(|i| lin(i as f32 / 255.0)))
+}
+
 /// Per-image statistics the card compares between before and after.
 #[derive(Clone, Copy, Debug)]
 pub struct Stats {
@@ -25,10 +32,11 @@ pub fn stats(f: &Frame, threads: usize) -> Stats {
     let n = f.width * f.height;
     let mut lin_mean = [0.0f64; 3];
     let (mut ls, mut ls2, mut ch) = (0.0f64, 0.0f64, 0.0f64);
+    let lut = lin_lut();
     for i in 0..n {
         let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
         for c in 0..3 {
-            lin_mean[c] += lin(rgb[c].clamp(0.0, 1.0)) as f64;
+            lin_mean[c] += lut[(rgb[c].clamp(0.0, 1.0) * 255.0).round() as usize] as f64;
         }
         let y = luminance(rgb[0], rgb[1], rgb[2]) as f64;
         ls += y;

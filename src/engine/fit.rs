@@ -17,6 +17,7 @@ pub struct FitAcc {
     m: [Vec<f64>; 2],
     v: [Vec<f64>; 2],
     rr: [f64; 2],
+    samples: usize,
 }
 
 impl Default for FitAcc {
@@ -25,6 +26,7 @@ impl Default for FitAcc {
             m: [vec![0.0; P * P], vec![0.0; P * P]],
             v: [vec![0.0; P * 3], vec![0.0; P * 3]],
             rr: [0.0; 2],
+            samples: 0,
         }
     }
 }
@@ -66,6 +68,7 @@ impl FitAcc {
                 pixel_features(rgb, b0, b1, &mut f);
                 let (l0, w0, w1) = lum_bins(luminance(rgb[0], rgb[1], rgb[2]));
                 let fold = (y / BLOCK + x / BLOCK) % 2;
+                self.samples += 1;
                 let r: [f64; 3] =
                     std::array::from_fn(|c| (after.data[c * n + j] - pred.data[c * n + i]) as f64);
                 self.rr[fold] += r.iter().map(|v| v * v).sum::<f64>();
@@ -142,6 +145,29 @@ impl FitAcc {
             }
         }
         Some(out)
+    }
+}
+
+impl FitAcc {
+    /// Mean squared error per channel value on the sampled pixels once `offset` (solve's result,
+    /// or None) is added: how well the finished template reproduces its pairs.
+    pub fn mse_with(&self, offset: Option<&[f32]>) -> f64 {
+        let n = (3 * self.samples).max(1) as f64;
+        let Some(off) = offset else {
+            return (self.rr[0] + self.rr[1]) / n;
+        };
+        let mut d = vec![0.0f64; P * 3];
+        for l in 0..LBINS {
+            for c in 0..3 {
+                for k in 0..K {
+                    d[(l * K + k) * 3 + c] = off[(l * 3 + c) * K + k] as f64;
+                }
+            }
+        }
+        let e: f64 = (0..2)
+            .map(|f| val_error(&self.m[f], &self.v[f], self.rr[f], &d))
+            .sum();
+        e.max(0.0) / n
     }
 }
 

@@ -13,7 +13,6 @@ use std::path::Path;
 
 pub use model::{Models, Precision};
 
-use crate::frame::psnr;
 use crate::store::Card;
 use crate::{Error, Frame, Result};
 
@@ -101,6 +100,13 @@ impl Engine {
                 "learn needs at least one before/after pair".into(),
             ));
         }
+        let t0 = std::time::Instant::now();
+        let lap = |what: &str| {
+            tracing::debug!(
+                "learn: {what} at {:.1} ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            )
+        };
         let mut delta = vec![0.0f32; self.models.template_len];
         let mut thumbs = Vec::with_capacity(pairs.len());
         for (a, a2) in pairs {
@@ -121,18 +127,23 @@ impl Engine {
             }
             thumbs.push(ta);
         }
+        lap("hypernetwork");
         // closed-form refinement on the aligned pairs
         let mut acc = fit::FitAcc::default();
-        let mut prepared = Vec::with_capacity(pairs.len());
         for ((a, a2), ta) in pairs.iter().zip(&thumbs) {
             let shift = align::align(a, a2);
+            lap("align");
             let blurs = filterbank::blurs(a, self.threads);
+            lap("blurs");
             let grid = self.grid(&delta, ta)?;
             let pred = slice::apply(a, &blurs, &grid, self.threads);
+            lap("G(template, A)");
             acc.add(a, &blurs, a2, &pred, shift);
-            prepared.push((shift, blurs));
+            lap("fit accumulate");
         }
         let offset = acc.solve();
+        let self_psnr = (10.0 * (1.0 / acc.mse_with(offset.as_deref()).max(1e-12)).log10()) as f32;
+        lap("fit solve");
         if let Some(off) = &offset {
             let at = self.models.offset_at;
             for (d, o) in delta[at..at + off.len()].iter_mut().zip(off) {
@@ -141,20 +152,9 @@ impl Engine {
         }
         // the card, averaged over the pairs
         let mut ch = card::Change::default();
-        let mut self_psnr = 0.0;
         let mut hist = vec![0.0f32; quality::HIST];
         let np = pairs.len() as f32;
-        for (((a, a2), (shift, blurs)), ta) in pairs.iter().zip(&prepared).zip(&thumbs) {
-            let out = self.apply_with(&delta, a, blurs)?;
-            let (x, y, w, h) = align::overlap(a.width, a.height, shift.0, shift.1);
-            let got = out.quantised().crop(x, y, w, h);
-            let want = a2.crop(
-                (x as i64 + shift.0) as usize,
-                (y as i64 + shift.1) as usize,
-                w,
-                h,
-            );
-            self_psnr += psnr(&got, &want) / np;
+        for ((a, a2), ta) in pairs.iter().zip(&thumbs) {
             let c = card::change(
                 &card::stats(a, self.threads),
                 &card::stats(a2, self.threads),
@@ -169,6 +169,7 @@ impl Engine {
                 *hv += v / np;
             }
         }
+        lap("card");
         Ok(Learned {
             delta,
             card: Card {
@@ -177,7 +178,7 @@ impl Engine {
                 contrast: ch.contrast,
                 saturation: ch.saturation,
                 sharpness: ch.sharpness,
-                self_psnr_db: self_psnr,
+                self_psnr_db: self_psnr.min(99.0),
                 pairs: pairs.len() as u32,
                 fit_used: offset.is_some(),
             },
