@@ -7,6 +7,7 @@ or learn on (A, A') only and are scored by PSNR of their result on B against the
 import argparse
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import sys
@@ -23,7 +24,7 @@ import takumi_model as tm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = os.path.normpath(os.path.join(HERE, ".."))
-W, H = 384, 288  # evaluation frame size
+W, H = 320, 240  # evaluation frame size (the smallest the appliance takes)
 
 
 def psnr(x, y):
@@ -122,9 +123,58 @@ def quads(photos, per_family, seed=11):
     return out
 
 
+_W = {}
+
+
+def init_worker(ablation, main_ckpt):
+    torch.set_num_threads(1)
+    _W["fl"], _W["i8"] = tl.Onnx(MODELS, "float", threads=1), tl.Onnx(MODELS, "int8", threads=1)
+    _W["abl"] = tl.Torch(ablation) if ablation else None
+    _W["main_at"] = tl.Torch(main_ckpt) if main_ckpt else None
+
+
+def score_quad(q):
+    fl, i8, abl, main_at = _W["fl"], _W["i8"], _W["abl"], _W["main_at"]
+    A, A2, B, B2 = q["a"], q["a2"], q["b"], q["b2"]
+    r = dict(set=q["set"], identity=psnr(B, B2))
+    r["affine"] = psnr(fit_affine(A, A2)(B), B2)
+    r["lut"] = psnr(fit_lut(A, A2)(B), B2)
+    r["bank"] = psnr(fit_bank(A, A2)(B), B2)
+    t, info = tl.learn(fl, [(A, A2)])
+    out = tl.apply(fl, t, B)
+    r["takumi"] = psnr(out, B2)
+    r["quality_score"] = tl.quality_score(tl.histogram(A), B)
+    r["fit_used"] = info["fit_used"]
+    th, _ = tl.learn(fl, [(A, A2)], refine=False)
+    r["takumi_h_only"] = psnr(tl.apply(fl, th, B), B2)
+    r["reverse"] = psnr(tl.apply(fl, -t, out), B)
+    r["reverse_true"] = psnr(tl.apply(fl, -t, B2), B)
+    t8, _ = tl.learn(i8, [(A, A2)])
+    r["takumi_int8"] = psnr(tl.apply(i8, t8, B), B2)
+    # two pairs of the same edit (the second from another photo, C) against one
+    t2, _ = tl.learn(fl, [(A, A2), (q["c"], q["c2"])])
+    r["takumi_2pairs"] = psnr(tl.apply(fl, t2, B), B2)
+    # appearance leakage: same edit learned from a different photo C; how much does B' move?
+    tc, _ = tl.learn(fl, [(q["c"], q["c2"])], refine=False)
+    r["leak_main"] = float(np.abs(tl.apply(fl, th, B) - tl.apply(fl, tc, B)).mean())
+    for tag, mdl in (("ablation", abl), ("main_at_ablation_step", main_at)):
+        if mdl is None:
+            continue
+        ta, _ = tl.learn(mdl, [(A, A2)], refine=False)
+        tca, _ = tl.learn(mdl, [(q["c"], q["c2"])], refine=False)
+        ob = tl.apply(mdl, ta, B)
+        r[f"{tag}_h_only"] = psnr(ob, B2)
+        r[f"{tag}_reverse"] = psnr(tl.apply(mdl, -ta, B2), B)
+        r[f"leak_{tag}"] = float(np.abs(ob - tl.apply(mdl, tca, B)).mean())
+        tf, _ = tl.learn(mdl, [(A, A2)])
+        r[tag] = psnr(tl.apply(mdl, tf, B), B2)
+    return r
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--per-family", type=int, default=6)
+    ap.add_argument("--per-family", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--ablation", help="checkpoint trained without LoRA Reverse")
     ap.add_argument("--main-ckpt", help="checkpoint of the main run at the ablation's step count")
     ap.add_argument("--json", default=os.path.join(MODELS, "eval.json"))
@@ -136,48 +186,11 @@ def main():
     names, photos = data.load_split(test=True)
     if len(photos) < 3:
         data.fail("fewer than 3 held-out photos: run fetch_photos.py")
-    fl, i8 = tl.Onnx(MODELS, "float"), tl.Onnx(MODELS, "int8")
-    abl = tl.Torch(a.ablation) if a.ablation else None
-    main_at = tl.Torch(a.main_ckpt) if a.main_ckpt else None
     qs = quads(photos, a.per_family)
     print(f"{len(qs)} quads from {len(photos)} held-out photos at {W}x{H}", file=sys.stderr)
-    rows = []
     t0 = time.time()
-    for q in qs:
-        A, A2, B, B2 = q["a"], q["a2"], q["b"], q["b2"]
-        r = dict(set=q["set"], identity=psnr(B, B2))
-        r["affine"] = psnr(fit_affine(A, A2)(B), B2)
-        r["lut"] = psnr(fit_lut(A, A2)(B), B2)
-        r["bank"] = psnr(fit_bank(A, A2)(B), B2)
-        t, info = tl.learn(fl, [(A, A2)])
-        out = tl.apply(fl, t, B)
-        r["takumi"] = psnr(out, B2)
-        r["quality_score"] = tl.quality_score(tl.histogram(A), B)
-        r["fit_used"] = info["fit_used"]
-        th, _ = tl.learn(fl, [(A, A2)], refine=False)
-        r["takumi_h_only"] = psnr(tl.apply(fl, th, B), B2)
-        r["reverse"] = psnr(tl.apply(fl, -t, out), B)
-        r["reverse_true"] = psnr(tl.apply(fl, -t, B2), B)
-        t8, _ = tl.learn(i8, [(A, A2)])
-        r["takumi_int8"] = psnr(tl.apply(i8, t8, B), B2)
-        # two pairs of the same edit (the second from another photo, C) against one
-        t2, _ = tl.learn(fl, [(A, A2), (q["c"], q["c2"])])
-        r["takumi_2pairs"] = psnr(tl.apply(fl, t2, B), B2)
-        # appearance leakage: same edit learned from a different photo C; how much does B' move?
-        tc, _ = tl.learn(fl, [(q["c"], q["c2"])], refine=False)
-        r["leak_main"] = float(np.abs(tl.apply(fl, th, B) - tl.apply(fl, tc, B)).mean())
-        for tag, mdl in (("ablation", abl), ("main_at_ablation_step", main_at)):
-            if mdl is None:
-                continue
-            ta, _ = tl.learn(mdl, [(A, A2)], refine=False)
-            tca, _ = tl.learn(mdl, [(q["c"], q["c2"])], refine=False)
-            ob = tl.apply(mdl, ta, B)
-            r[f"{tag}_h_only"] = psnr(ob, B2)
-            r[f"{tag}_reverse"] = psnr(tl.apply(mdl, -ta, B2), B)
-            r[f"leak_{tag}"] = float(np.abs(ob - tl.apply(mdl, tca, B)).mean())
-            tf, _ = tl.learn(mdl, [(A, A2)])
-            r[tag] = psnr(tl.apply(mdl, tf, B), B2)
-        rows.append(r)
+    with mp.get_context("fork").Pool(a.workers, initializer=init_worker, initargs=(a.ablation, a.main_ckpt)) as pool:
+        rows = pool.map(score_quad, qs, chunksize=1)
     print(f"eval took {time.time() - t0:.0f} s", file=sys.stderr)
     with open(a.json, "w") as f:
         json.dump(rows, f)

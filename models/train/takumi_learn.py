@@ -111,6 +111,19 @@ def align(a, a2):
     return dx, dy
 
 
+def misregistered(a, a2, shift):
+    """Quadrant shifts disagreeing with the frame's by > 1 px: rotation or scale (src/engine/align.rs)."""
+    h, w = a.shape[1:]
+    hw, hh = w // 2, h // 2
+    if hw < 64 or hh < 64:
+        return False
+    for x, y, qw, qh in ((0, 0, hw, hh), (hw, 0, w - hw, hh), (0, hh, hw, h - hh), (hw, hh, w - hw, h - hh)):
+        dx, dy = align(a[:, y:y + qh, x:x + qw], a2[:, y:y + qh, x:x + qw])
+        if abs(dx - shift[0]) > 1 or abs(dy - shift[1]) > 1:
+            return True
+    return False
+
+
 def overlap(w, h, dx, dy):
     x0, y0 = max(0, -dx), max(0, -dy)
     x1, y1 = max(x0, min(w, w - dx)), max(y0, min(h, h - dy))
@@ -192,7 +205,9 @@ def learn(model, pairs, refine=True):
     if refine:
         fit = Fit()
         for a, a2 in pairs:
-            fit.add(a, a2, apply(model, t, a), align(a, a2))
+            shift = align(a, a2)
+            if not misregistered(a, a2, shift):
+                fit.add(a, a2, apply(model, t, a), shift)
         off = fit.solve()
         if off is not None:
             o = offset_at()

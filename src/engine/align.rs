@@ -116,3 +116,25 @@ pub fn overlap(w: usize, h: usize, dx: i64, dy: i64) -> (usize, usize, usize, us
     let y1 = (h as i64).min(h as i64 - dy).max(y0 as i64) as usize;
     (x0, y0, x1 - x0, y1 - y0)
 }
+
+/// Whether the pair moved by more than a shift (rotation, scale): the quadrants' own shifts then
+/// disagree with the whole frame's by more than a pixel. A pixel-wise fit on such a pair learns
+/// the misregistration as blur, so `learn` leaves it to the hypernetwork.
+pub fn misregistered(before: &Frame, after: &Frame, shift: (i64, i64)) -> bool {
+    let (w, h) = (before.width, before.height);
+    let (hw, hh) = (w / 2, h / 2);
+    if hw < 64 || hh < 64 {
+        return false;
+    }
+    [
+        (0, 0, hw, hh),
+        (hw, 0, w - hw, hh),
+        (0, hh, hw, h - hh),
+        (hw, hh, w - hw, h - hh),
+    ]
+    .into_iter()
+    .any(|(x, y, qw, qh)| {
+        let (dx, dy) = align(&before.crop(x, y, qw, qh), &after.crop(x, y, qw, qh));
+        (dx - shift.0).abs() > 1 || (dy - shift.1).abs() > 1
+    })
+}

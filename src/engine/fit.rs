@@ -151,6 +151,11 @@ impl FitAcc {
 impl FitAcc {
     /// Mean squared error per channel value on the sampled pixels once `offset` (solve's result,
     /// or None) is added: how well the finished template reproduces its pairs.
+    /// Pixels sampled; 0 when every pair was left out (misregistered).
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
     pub fn mse_with(&self, offset: Option<&[f32]>) -> f64 {
         let n = (3 * self.samples).max(1) as f64;
         let Some(off) = offset else {

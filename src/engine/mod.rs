@@ -132,7 +132,11 @@ impl Engine {
         let mut acc = fit::FitAcc::default();
         for ((a, a2), ta) in pairs.iter().zip(&thumbs) {
             let shift = align::align(a, a2);
+            let moved = align::misregistered(a, a2, shift);
             lap("align");
+            if moved {
+                continue;
+            }
             let blurs = filterbank::blurs(a, self.threads);
             lap("blurs");
             let grid = self.grid(&delta, ta)?;
@@ -142,7 +146,12 @@ impl Engine {
             lap("fit accumulate");
         }
         let offset = acc.solve();
-        let self_psnr = (10.0 * (1.0 / acc.mse_with(offset.as_deref()).max(1e-12)).log10()) as f32;
+        // 0 = not measured: a misregistered pair has no pixel-wise reproduction error
+        let self_psnr = if acc.samples() == 0 {
+            0.0
+        } else {
+            (10.0 * (1.0 / acc.mse_with(offset.as_deref()).max(1e-12)).log10()) as f32
+        };
         lap("fit solve");
         if let Some(off) = &offset {
             let at = self.models.offset_at;
