@@ -14,13 +14,13 @@ use super::protocol::{Event, Level, request_id};
 use super::station::{Outgoing, Station};
 use crate::capture;
 use crate::config::{Config, DisplayKind};
-use crate::display::{Display, DisplayState, FbDisplay, PngDisplay, RgbImage8};
+use crate::display::{Display, DisplayState, FbDisplay, PngDisplay};
 use crate::engine::Engine;
 use crate::publish::broker::EmbeddedBroker;
 use crate::publish::mqtt::{MqttConfig, MqttLink, QoS, StatusMessage};
 use crate::publish::outbox::Outbox;
 use crate::store::TemplateStore;
-use crate::{Error, Frame, Result};
+use crate::{Error, Result};
 
 enum Job {
     Command(Vec<u8>),
@@ -57,14 +57,6 @@ impl Running {
 
 fn link_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("mqtt: {e}"))
-}
-
-fn rgb8(f: &Frame) -> RgbImage8 {
-    RgbImage8 {
-        width: f.width as u32,
-        height: f.height as u32,
-        rgb: f.to_rgb8(),
-    }
 }
 
 /// Local time is not known to a board without a clock daemon; UTC is unambiguous on the display.
@@ -342,8 +334,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
                             shown.score = meta.score;
                             shown.needs_review = false;
                             shown.time = utc_now();
-                            shown.before = Some(rgb8(&before));
-                            shown.after = Some(rgb8(&after));
+                            shown.before = Some(before);
+                            shown.after = Some(after);
                             if let Some(d) = display.as_mut() {
                                 shown.connected = link.connected();
                                 shown.armed = armed.load(Ordering::Relaxed);

@@ -12,13 +12,15 @@ use super::protocol::{
 };
 use crate::capture::file::decode_image;
 use crate::capture::{FrameSource, ImageLimits};
+use crate::display::RgbImage8;
 use crate::engine::Engine;
 use crate::frame::Frame;
 use crate::publish::file::{ImageKind, encode};
 use crate::store::{SourcePair, Template, TemplateName, TemplateStore};
 
-/// Results kept for approve/reject; older ones can no longer be approved.
-pub const RESULTS_KEPT: usize = 256;
+/// Results kept for approve/reject (with display-size copies, about 0.5 MB each); older ones can
+/// no longer be approved. Bounds the station's memory however many results it makes.
+pub const RESULTS_KEPT: usize = 64;
 
 pub enum Outgoing {
     Result {
@@ -43,8 +45,8 @@ pub enum Outgoing {
     /// The latest approved result, for the local display.
     Approved {
         meta: ResultMeta,
-        before: Frame,
-        after: Frame,
+        before: RgbImage8,
+        after: RgbImage8,
     },
 }
 
@@ -68,8 +70,8 @@ pub struct Counters {
 
 struct Kept {
     meta: ResultMeta,
-    before: Frame,
-    after: Frame,
+    before: RgbImage8,
+    after: RgbImage8,
 }
 
 pub struct Station {
@@ -564,20 +566,24 @@ impl Station {
     }
 }
 
-/// A display-sized copy (at most 480 px wide) kept with each result for the approval screen.
-fn small(f: &Frame) -> Frame {
-    let s = (f.width / 480).max(1);
-    if s == 1 {
-        return f.clone();
-    }
+/// A display-sized 8-bit copy (at most 320 px wide, about 0.25 MB) kept with each result for the
+/// approval screen.
+fn small(f: &Frame) -> RgbImage8 {
+    let s = f.width.div_ceil(320).max(1);
     let (w, h) = (f.width / s, f.height / s);
-    let mut out = Frame::zeros(w, h);
-    for c in 0..3 {
-        for y in 0..h {
-            for x in 0..w {
-                out.data[(c * h + y) * w + x] = f.data[(c * f.height + y * s) * f.width + x * s];
+    let n = f.width * f.height;
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let i = y * s * f.width + x * s;
+            for c in 0..3 {
+                rgb.push((f.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8);
             }
         }
     }
-    out
+    RgbImage8 {
+        width: w as u32,
+        height: h as u32,
+        rgb,
+    }
 }
