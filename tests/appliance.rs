@@ -391,3 +391,49 @@ fn board_profiles_parse() {
             .unwrap_or_else(|e| panic!("{p}: {e}"));
     }
 }
+
+#[test]
+fn overload_is_refused_with_events_and_status_stays_responsive() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = station_cfg(d.path(), "s1", 0, true);
+    cfg.station.queue = 2;
+    rt().block_on(async {
+        let svc = takumi::appliance::service::start(cfg.clone()).await.unwrap();
+        let port = svc.broker_port.unwrap();
+        let mut l = line(port, "takumi/#").await;
+        l.online("s1").await;
+        learn_over_mqtt(&mut l).await;
+        let img = base64::engine::general_purpose::STANDARD
+            .encode(std::fs::read(samples().join("captures/rocket.jpg")).unwrap());
+        // a burst of expensive applies: far more than the queue of 2 holds
+        for i in 0..40 {
+            let cmd = json!({"id": format!("f{i}"), "op": "apply", "template": "polish", "mode": "image", "image_jpeg_b64": img});
+            l.send("s1", cmd.to_string()).await;
+        }
+        l.send("s1", json!({"id": "st", "op": "status"}).to_string()).await;
+        let mut overloaded = 0;
+        let mut results = 0;
+        let mut status_seen = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while results + overloaded < 40 || !status_seen {
+            let Ok(Some((t, p))) = tokio::time::timeout_at(deadline, l.rx.recv()).await else {
+                break;
+            };
+            if t == "takumi/s1/status" {
+                status_seen = true;
+            } else if t == "takumi/s1/event" {
+                let v: Value = serde_json::from_slice(&p).unwrap();
+                if v["code"] == "overloaded" {
+                    overloaded += 1;
+                }
+            } else if t.starts_with("takumi/s1/result/") && t.ends_with("/image") {
+                results += 1;
+            }
+        }
+        assert!(status_seen, "no status while overloaded");
+        assert!(overloaded > 0, "nothing was refused ({results} results)");
+        assert!(results >= 2, "the station stopped working ({results} results)");
+        assert_eq!(results + overloaded, 40, "some commands got neither a result nor an event");
+        svc.stop().await.unwrap();
+    });
+}
