@@ -22,6 +22,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub outbox: OutboxConfig,
     pub display: DisplayConfig,
+    pub fleet: crate::appliance::fleet::FleetConfig,
 }
 
 impl Default for SourceConfig {

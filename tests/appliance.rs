@@ -354,18 +354,44 @@ async fn learn_over_mqtt(l: &mut Line) {
     assert_eq!(e["code"], "learned", "{e}");
 }
 
+const FLEET_SEED: [u8; 32] = [7; 32];
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn fleet_public(seed: [u8; 32]) -> String {
+    b64(ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .as_bytes())
+}
+
+fn signed(seed: [u8; 32], file: &[u8]) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let sig = ed25519_dalek::SigningKey::from_bytes(&seed).sign(file);
+    [b"TKS1".as_slice(), &sig.to_bytes(), file].concat()
+}
+
 #[test]
-fn a_template_learned_on_one_station_installs_on_another() {
+fn signed_fleet_templates_install_and_forged_ones_do_not() {
     let Some(m) = mosquitto() else { return };
     let d = tempfile::tempdir().unwrap();
-    let c1 = station_cfg(d.path(), "s1", m.port, false);
-    let c2 = station_cfg(d.path(), "s2", m.port, false);
+    let key_file = d.path().join("fleet.key");
+    std::fs::write(&key_file, b64(&FLEET_SEED)).unwrap();
+    let mut c1 = station_cfg(d.path(), "s1", m.port, false);
+    c1.fleet.public_key = Some(fleet_public(FLEET_SEED));
+    c1.fleet.signing_key_file = Some(key_file);
+    let mut c2 = station_cfg(d.path(), "s2", m.port, false);
+    c2.fleet.public_key = Some(fleet_public(FLEET_SEED));
+    let c3 = station_cfg(d.path(), "s3", m.port, false); // no key: local-only
     rt().block_on(async {
-        let s1 = takumi::appliance::service::start(c1).await.unwrap();
+        let s1 = takumi::appliance::service::start(c1.clone()).await.unwrap();
         let s2 = takumi::appliance::service::start(c2.clone()).await.unwrap();
+        let s3 = takumi::appliance::service::start(c3.clone()).await.unwrap();
         let mut l = line(m.port, "takumi/#").await;
-        l.online("s1").await;
-        l.online("s2").await;
+        for s in ["s1", "s2", "s3"] {
+            l.online(s).await;
+        }
         learn_over_mqtt(&mut l).await;
         l.wait(60, |t, p| {
             t == "takumi/s2/event"
@@ -379,8 +405,71 @@ fn a_template_learned_on_one_station_installs_on_another() {
         )
         .await;
         assert_eq!(l.event("s2", "x").await["code"], "waiting");
+
+        // forgeries, each refused with an event and never installed
+        let file = std::fs::read(c1.store.dir.join("polish.tkt")).unwrap();
+        let mut renamed = takumi::store::Template::from_bytes(&file).unwrap();
+        renamed.name = takumi::store::TemplateName::new("forged").unwrap();
+        let forged_file = renamed.encode().unwrap();
+        let mut tampered = signed(FLEET_SEED, &forged_file);
+        let last = tampered.len() - 40;
+        tampered[last] ^= 1;
+        let cases = [
+            ("unsigned", forged_file.clone()),
+            ("tampered", tampered),
+            ("foreign key", signed([9; 32], &forged_file)),
+        ];
+        for (what, payload) in cases {
+            l.client
+                .publish(
+                    "takumi/fleet/template/forged",
+                    QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await
+                .unwrap();
+            let (_, p) = l
+                .wait(30, |t, p| {
+                    t == "takumi/s2/event"
+                        && serde_json::from_slice::<Value>(p)
+                            .is_ok_and(|v| v["code"] == "forged_template")
+                })
+                .await;
+            let v: Value = serde_json::from_slice(&p).unwrap();
+            assert!(
+                v["message"].as_str().unwrap().contains("refused"),
+                "{what}: {v}"
+            );
+            assert!(
+                !c2.store.dir.join("forged.tkt").exists(),
+                "{what} template was installed"
+            );
+        }
+        // templates.install with a fleet key also needs a signature
+        l.send(
+            "s2",
+            json!({"id": "i1", "op": "templates.install", "template_b64": b64(&forged_file)})
+                .to_string(),
+        )
+        .await;
+        assert_eq!(l.event("s2", "i1").await["code"], "forged_template");
+        assert!(!c2.store.dir.join("forged.tkt").exists());
+        // the local-only station ignored the fleet topic altogether
+        assert!(!c3.store.dir.join("polish.tkt").exists());
+        assert!(!c3.store.dir.join("forged.tkt").exists());
+        l.client
+            .publish(
+                "takumi/fleet/template/forged",
+                QoS::AtLeastOnce,
+                true,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
         s1.stop().await.unwrap();
         s2.stop().await.unwrap();
+        s3.stop().await.unwrap();
     });
 }
 

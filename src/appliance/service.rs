@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use super::fleet::FleetKeys;
 use super::protocol::{Event, Level, request_id};
 use super::station::{Outgoing, Station};
 use crate::capture;
@@ -149,9 +150,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
     link.subscribe(&cmd_topic, QoS::AtLeastOnce)
         .await
         .map_err(link_err)?;
-    link.subscribe(&format!("{fleet_prefix}+"), QoS::AtLeastOnce)
-        .await
-        .map_err(link_err)?;
+    let fleet = FleetKeys::from_config(&cfg.fleet)?;
+    if !fleet.local_only() {
+        link.subscribe(&format!("{fleet_prefix}+"), QoS::AtLeastOnce)
+            .await
+            .map_err(link_err)?;
+    }
 
     let mut station = Station::new(
         engine,
@@ -159,6 +163,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         camera,
         cfg.limits,
         cfg.quality.review_threshold,
+        fleet,
     );
     let model = station.model_hash().to_string();
     let (job_tx, job_rx) = sync_channel::<Job>(cfg.station.queue);

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::fleet::FleetKeys;
 use super::protocol::{
     ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, parse_command, request_id,
 };
@@ -76,6 +77,7 @@ struct Kept {
 
 pub struct Station {
     engine: Engine,
+    fleet: FleetKeys,
     store: TemplateStore,
     camera: Box<dyn FrameSource>,
     limits: ImageLimits,
@@ -116,9 +118,11 @@ impl Station {
         camera: Box<dyn FrameSource>,
         limits: ImageLimits,
         review_threshold: f32,
+        fleet: FleetKeys,
     ) -> Self {
         Station {
             engine,
+            fleet,
             store,
             camera,
             limits,
@@ -305,18 +309,20 @@ impl Station {
                     .save(&t)
                     .map_err(|e| ("store_failed", e.to_string()))?;
                 let file = t.encode().map_err(|e| ("store_failed", e.to_string()))?;
-                Ok(vec![
-                    event(
-                        Level::Info,
-                        "learned",
-                        format!("learned {name}: self-PSNR {:.2} dB", t.card.self_psnr_db),
-                        Some(&id),
-                    ),
-                    Outgoing::Fleet {
+                let mut out = vec![event(
+                    Level::Info,
+                    "learned",
+                    format!("learned {name}: self-PSNR {:.2} dB", t.card.self_psnr_db),
+                    Some(&id),
+                )];
+                // shared with the fleet only when this station can sign it
+                if let Some(signed) = self.fleet.sign(&file) {
+                    out.push(Outgoing::Fleet {
                         name: name.to_string(),
-                        file,
-                    },
-                ])
+                        file: signed,
+                    });
+                }
+                Ok(out)
             }
             Op::Apply {
                 template,
@@ -393,8 +399,15 @@ impl Station {
                 )])
             }
             Op::TemplatesInstall { template } => {
-                let t =
-                    Template::from_bytes(&template).map_err(|e| ("bad_template", e.to_string()))?;
+                // with a fleet key, installed templates must be signed like fleet ones
+                let file = if self.fleet.local_only() {
+                    &template[..]
+                } else {
+                    self.fleet
+                        .verify(&template)
+                        .map_err(|e| ("forged_template", e.to_string()))?
+                };
+                let t = Template::from_bytes(file).map_err(|e| ("bad_template", e.to_string()))?;
                 if t.model_hash != self.engine.models.hash {
                     return Err((
                         "wrong_model",
@@ -507,7 +520,19 @@ impl Station {
     }
 
     /// A template from the fleet topic: installed when it is for this station's model and new.
-    pub fn install_fleet(&mut self, file: &[u8]) -> Vec<Outgoing> {
+    pub fn install_fleet(&mut self, payload: &[u8]) -> Vec<Outgoing> {
+        let file = match self.fleet.verify(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                self.counters.errors += 1;
+                return vec![event(
+                    Level::Warning,
+                    "forged_template",
+                    format!("fleet template refused: {e}"),
+                    None,
+                )];
+            }
+        };
         let t = match Template::from_bytes(file) {
             Ok(t) => t,
             Err(e) => {
