@@ -10,9 +10,12 @@ use takumi::frame::psnr;
 
 /// Stated in models/MODEL_CARD.md ("Shipped sample pair"): the worst capture's PSNR against
 /// its ground truth after learn → apply on pair_before/pair_after.
-const SAMPLE_PSNR_DB: f32 = 25.0;
-/// Reverse application: G(−Δ, G(Δ, B)) against B, worst capture (MODEL_CARD.md).
-const REVERSE_PSNR_DB: f32 = 28.0;
+const SAMPLE_PSNR_DB: f32 = 26.0;
+/// Reverse application: G(−Δ, G(Δ, B)) against B, worst capture (MODEL_CARD.md). Negating the
+/// template undoes most of the edit but is not an exact inverse (a gain of 1.2 comes back as 0.8).
+const REVERSE_PSNR_DB: f32 = 22.0;
+/// ... and it must move the image back towards B by at least this much.
+const REVERSE_GAIN_DB: f32 = 2.5;
 
 fn img(rel: &str) -> Frame {
     load_image(&samples().join(rel), &ImageLimits::default())
