@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::capture::load_image;
 use crate::config::Config;
 use crate::engine::{Engine, Precision, filterbank};
-use crate::{Error, Frame, Result};
+use crate::{Error, Result};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -40,19 +40,6 @@ fn time_ms<T>(iters: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(median(v))
 }
 
-/// Bilinear resize, for making frames of the benchmark sizes from a sample capture.
-fn resize(f: &Frame, w: usize, h: usize) -> Frame {
-    let rgb = f.to_rgb8();
-    let img = image::RgbImage::from_raw(f.width as u32, f.height as u32, rgb).unwrap_or_default();
-    let r = image::imageops::resize(
-        &img,
-        w as u32,
-        h as u32,
-        image::imageops::FilterType::Triangle,
-    );
-    Frame::from_rgb8(w, h, r.as_raw())
-}
-
 pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -74,7 +61,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     let threads = cfg.engine.threads;
     let float = Engine::load(&cfg.engine.models, Precision::Float, threads)?;
     let first = float.learn(&[(a.clone(), a2.clone())])?;
-    let vga = resize(&cap, 640, 480);
+    let vga = cap.resized(640, 480);
     float.apply(&first.delta, &vga, false)?;
     let startup = t_start.elapsed().as_secs_f64() * 1e3;
     println!(
@@ -87,7 +74,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         "learn (one {}x{} pair, float): {learn:.1} ms",
         a.width, a.height
     );
-    let hd = resize(&cap, 1920, 1080);
+    let hd = cap.resized(1920, 1080);
     let int8 = Engine::load(&cfg.engine.models, Precision::Int8, threads)?;
     let mut model_ms = (0.0, 0.0);
     for (name, eng) in [("float", &float), ("int8", &int8)] {

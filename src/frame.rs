@@ -59,6 +59,19 @@ impl Frame {
         Frame::from_rgb8(self.width, self.height, &self.to_rgb8())
     }
 
+    /// Bilinear resize (through 8 bits), for making frames of other sizes from a capture.
+    pub fn resized(&self, w: usize, h: usize) -> Self {
+        let img = image::RgbImage::from_raw(self.width as u32, self.height as u32, self.to_rgb8())
+            .unwrap_or_default();
+        let r = image::imageops::resize(
+            &img,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Triangle,
+        );
+        Frame::from_rgb8(w, h, r.as_raw())
+    }
+
     /// Copy of the rectangle at (x, y) of size (w, h); the caller keeps it inside the frame.
     pub fn crop(&self, x: usize, y: usize, w: usize, h: usize) -> Self {
         let mut out = Frame::zeros(w, h);

@@ -108,6 +108,27 @@ pub fn pixel_features(rgb: [f32; 3], b0: [f32; 3], b1: [f32; 3], f: &mut [f32; K
     f[10..16].copy_from_slice(&h);
 }
 
+/// Pixel `i`'s features and luminance bins, from the frame and its blurs: what slicing and the
+/// closed-form fit both consume.
+#[inline]
+pub fn pixel_at(
+    frame: &Frame,
+    blurs: &Blurs,
+    i: usize,
+    f: &mut [f32; K],
+) -> ([f32; 3], (usize, f32, f32)) {
+    let n = frame.width * frame.height;
+    let rgb = [frame.data[i], frame.data[n + i], frame.data[2 * n + i]];
+    let [p0, p1] = &blurs.planes;
+    pixel_features(
+        rgb,
+        [p0[0][i], p0[1][i], p0[2][i]],
+        [p1[0][i], p1[1][i], p1[2][i]],
+        f,
+    );
+    (rgb, lum_bins(luminance(rgb[0], rgb[1], rgb[2])))
+}
+
 /// Hat weights of the luminance bins: (first bin, its weight, weight of the next bin).
 #[inline]
 pub fn lum_bins(lum: f32) -> (usize, f32, f32) {

@@ -5,7 +5,7 @@
 //! on B), and the offset is dropped when it does not beat leaving it out.
 //! Mirrors `Fit` in models/train/takumi_learn.py.
 
-use super::filterbank::{Blurs, lum_bins, luminance, pixel_features};
+use super::filterbank::{Blurs, pixel_at};
 use super::model::{CK, K, LBINS};
 use crate::Frame;
 
@@ -54,19 +54,7 @@ impl FitAcc {
             for x in (ox..ox + ow).step_by(s) {
                 let i = y * w + x;
                 let j = ((y as i64 + shift.1) as usize) * w + (x as i64 + shift.0) as usize;
-                let rgb = [a.data[i], a.data[n + i], a.data[2 * n + i]];
-                let b0 = [
-                    blurs.planes[0][0][i],
-                    blurs.planes[0][1][i],
-                    blurs.planes[0][2][i],
-                ];
-                let b1 = [
-                    blurs.planes[1][0][i],
-                    blurs.planes[1][1][i],
-                    blurs.planes[1][2][i],
-                ];
-                pixel_features(rgb, b0, b1, &mut f);
-                let (l0, w0, w1) = lum_bins(luminance(rgb[0], rgb[1], rgb[2]));
+                let (_, (l0, w0, w1)) = pixel_at(a, blurs, i, &mut f);
                 let fold = (y / BLOCK + x / BLOCK) % 2;
                 self.samples += 1;
                 let r: [f64; 3] =

@@ -2,7 +2,7 @@
 //! align_corners=False) and linearly across luminance bins, applied to each pixel's features.
 //! out_c = x_c + sum_l w_l(lum) sum_k coef[l][c][k] f_k.
 
-use super::filterbank::{Blurs, lum_bins, luminance, pixel_features};
+use super::filterbank::{Blurs, pixel_at};
 use super::model::{CK, GRID, GRID_CH, K, LBINS};
 use super::par;
 use crate::Frame;
@@ -47,19 +47,7 @@ pub fn apply(frame: &Frame, blurs: &Blurs, grid: &[f32], threads: usize) -> Fram
             }
             for x in 0..w {
                 let i = y * w + x;
-                let rgb = [frame.data[i], frame.data[n + i], frame.data[2 * n + i]];
-                let b0 = [
-                    blurs.planes[0][0][i],
-                    blurs.planes[0][1][i],
-                    blurs.planes[0][2][i],
-                ];
-                let b1 = [
-                    blurs.planes[1][0][i],
-                    blurs.planes[1][1][i],
-                    blurs.planes[1][2][i],
-                ];
-                pixel_features(rgb, b0, b1, &mut f);
-                let (l0, w0, w1) = lum_bins(luminance(rgb[0], rgb[1], rgb[2]));
+                let (rgb, (l0, w0, w1)) = pixel_at(frame, blurs, i, &mut f);
                 let (gx0, gx1, fx) = xs[x];
                 let mut coef = [0.0f32; CK];
                 for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
