@@ -194,7 +194,7 @@ pub struct QualityConfig {
 impl Default for QualityConfig {
     fn default() -> Self {
         QualityConfig {
-            review_threshold: 0.35,
+            review_threshold: 0.5,
         }
     }
 }

@@ -126,15 +126,23 @@ pub fn misregistered(before: &Frame, after: &Frame, shift: (i64, i64)) -> bool {
     if hw < 64 || hh < 64 {
         return false;
     }
-    [
+    let quads = [
         (0, 0, hw, hh),
         (hw, 0, w - hw, hh),
         (0, hh, hw, h - hh),
         (hw, hh, w - hw, h - hh),
-    ]
-    .into_iter()
-    .any(|(x, y, qw, qh)| {
-        let (dx, dy) = align(&before.crop(x, y, qw, qh), &after.crop(x, y, qw, qh));
-        (dx - shift.0).abs() > 1 || (dy - shift.1).abs() > 1
+    ];
+    // the four registrations are independent: run them side by side
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = quads
+            .iter()
+            .map(|&(x, y, qw, qh)| {
+                sc.spawn(move || align(&before.crop(x, y, qw, qh), &after.crop(x, y, qw, qh)))
+            })
+            .collect();
+        handles.into_iter().any(|h| {
+            h.join()
+                .is_ok_and(|(dx, dy)| (dx - shift.0).abs() > 1 || (dy - shift.1).abs() > 1)
+        })
     })
 }

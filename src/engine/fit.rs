@@ -37,7 +37,8 @@ pub fn stride(w: usize, h: usize) -> usize {
 
 impl FitAcc {
     /// Adds one pair: `a` (before) with its blurs, `after`, `pred` = G(template, a), and the shift
-    /// of `after` against `a`.
+    /// of `after` against `a`. The two folds accumulate on two threads: each keeps its own
+    /// normal equations, so the sums are the same as on one thread.
     pub fn add(
         &mut self,
         a: &Frame,
@@ -46,46 +47,18 @@ impl FitAcc {
         pred: &Frame,
         shift: (i64, i64),
     ) {
-        let (w, n) = (a.width, a.width * a.height);
         let (ox, oy, ow, oh) = super::align::overlap(a.width, a.height, shift.0, shift.1);
         let s = stride(ow, oh);
-        let mut f = [0.0f32; K];
-        for y in (oy..oy + oh).step_by(s) {
-            for x in (ox..ox + ow).step_by(s) {
-                let i = y * w + x;
-                let j = ((y as i64 + shift.1) as usize) * w + (x as i64 + shift.0) as usize;
-                let (_, (l0, w0, w1)) = pixel_at(a, blurs, i, &mut f);
-                let fold = (y / BLOCK + x / BLOCK) % 2;
-                self.samples += 1;
-                let r: [f64; 3] =
-                    std::array::from_fn(|c| (after.data[c * n + j] - pred.data[c * n + i]) as f64);
-                self.rr[fold] += r.iter().map(|v| v * v).sum::<f64>();
-                // phi has 2K non-zeros: bins l0 and l0+1
-                let mut idx = [0usize; 2 * K];
-                let mut val = [0.0f64; 2 * K];
-                let mut nz = 0;
-                for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
-                    if l >= LBINS || wl == 0.0 {
-                        continue;
-                    }
-                    for (k, fk) in f.iter().enumerate() {
-                        idx[nz] = l * K + k;
-                        val[nz] = (wl * fk) as f64;
-                        nz += 1;
-                    }
-                }
-                let (m, v) = (&mut self.m[fold], &mut self.v[fold]);
-                for p in 0..nz {
-                    let row = &mut m[idx[p] * P..(idx[p] + 1) * P];
-                    for q in 0..nz {
-                        row[idx[q]] += val[p] * val[q];
-                    }
-                    for c in 0..3 {
-                        v[idx[p] * 3 + c] += val[p] * r[c];
-                    }
-                }
-            }
-        }
+        let rect = (ox, oy, ow, oh, s);
+        let [m0, m1] = &mut self.m;
+        let [v0, v1] = &mut self.v;
+        let [r0, r1] = &mut self.rr;
+        let (n0, n1) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| accumulate(0, rect, a, blurs, after, pred, shift, m0, v0, r0));
+            let n1 = accumulate(1, rect, a, blurs, after, pred, shift, m1, v1, r1);
+            (h.join().unwrap_or(0), n1)
+        });
+        self.samples += n0 + n1;
     }
 
     /// The offset in the template's layout `[(l*3 + c)*K + k]`, or None when it does not validate.
@@ -162,6 +135,63 @@ impl FitAcc {
             .sum();
         e.max(0.0) / n
     }
+}
+
+/// One fold's share of `FitAcc::add`; returns its sample count.
+#[allow(clippy::too_many_arguments)]
+fn accumulate(
+    fold: usize,
+    (ox, oy, ow, oh, s): (usize, usize, usize, usize, usize),
+    a: &Frame,
+    blurs: &Blurs,
+    after: &Frame,
+    pred: &Frame,
+    shift: (i64, i64),
+    m: &mut [f64],
+    v: &mut [f64],
+    rr: &mut f64,
+) -> usize {
+    let (w, n) = (a.width, a.width * a.height);
+    let mut f = [0.0f32; K];
+    let mut count = 0;
+    for y in (oy..oy + oh).step_by(s) {
+        for x in (ox..ox + ow).step_by(s) {
+            if (y / BLOCK + x / BLOCK) % 2 != fold {
+                continue;
+            }
+            let i = y * w + x;
+            let j = ((y as i64 + shift.1) as usize) * w + (x as i64 + shift.0) as usize;
+            let (_, (l0, w0, w1)) = pixel_at(a, blurs, i, &mut f);
+            count += 1;
+            let r: [f64; 3] =
+                std::array::from_fn(|c| (after.data[c * n + j] - pred.data[c * n + i]) as f64);
+            *rr += r.iter().map(|v| v * v).sum::<f64>();
+            // phi has 2K non-zeros: bins l0 and l0+1
+            let mut idx = [0usize; 2 * K];
+            let mut val = [0.0f64; 2 * K];
+            let mut nz = 0;
+            for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
+                if l >= LBINS || wl == 0.0 {
+                    continue;
+                }
+                for (k, fk) in f.iter().enumerate() {
+                    idx[nz] = l * K + k;
+                    val[nz] = (wl * fk) as f64;
+                    nz += 1;
+                }
+            }
+            for p in 0..nz {
+                let row = &mut m[idx[p] * P..(idx[p] + 1) * P];
+                for q in 0..nz {
+                    row[idx[q]] += val[p] * val[q];
+                }
+                for c in 0..3 {
+                    v[idx[p] * 3 + c] += val[p] * r[c];
+                }
+            }
+        }
+    }
+    count
 }
 
 /// sum over the fold of |r - phi.d|^2, from its normal equations.
