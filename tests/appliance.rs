@@ -526,3 +526,35 @@ fn overload_is_refused_with_events_and_status_stays_responsive() {
         svc.stop().await.unwrap();
     });
 }
+
+#[test]
+fn armed_station_captures_on_its_interval() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = station_cfg(d.path(), "s1", 0, true);
+    cfg.station.capture_interval_ms = 150;
+    rt().block_on(async {
+        let svc = takumi::appliance::service::start(cfg.clone())
+            .await
+            .unwrap();
+        let mut l = line(svc.broker_port.unwrap(), "takumi/#").await;
+        l.online("s1").await;
+        learn_over_mqtt(&mut l).await;
+        l.send(
+            "s1",
+            json!({"id": "arm", "op": "apply", "template": "polish", "mode": "armed"}).to_string(),
+        )
+        .await;
+        assert_eq!(l.event("s1", "arm").await["code"], "armed");
+        // no trigger is sent: the interval alone makes results
+        for _ in 0..3 {
+            l.wait(30, |t, _| {
+                t.starts_with("takumi/s1/result/") && t.ends_with("/image")
+            })
+            .await;
+        }
+        l.send("s1", json!({"id": "off", "op": "disarm"}).to_string())
+            .await;
+        assert_eq!(l.event("s1", "off").await["code"], "disarmed");
+        svc.stop().await.unwrap();
+    });
+}
