@@ -215,13 +215,15 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let task = tokio::spawn(async move {
         let _broker = broker;
         let cfg = cfg2;
+        // counted before sending, so the pipeline's decrement can never run first and wrap
         let submit = |tx: &SyncSender<Job>, job: Job| -> bool {
+            depth.fetch_add(1, Ordering::Relaxed);
             match tx.try_send(job) {
-                Ok(()) => {
-                    depth.fetch_add(1, Ordering::Relaxed);
-                    true
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    depth.fetch_sub(1, Ordering::Relaxed);
+                    false
                 }
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
             }
         };
         let publish_event = |link: &MqttLink, e: Event| {
