@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::capture::load_image;
 use crate::config::Config;
-use crate::engine::{Engine, Precision, filterbank};
+use crate::engine::{Edit, Engine, Precision, bank, filterbank};
 use crate::{Error, Result};
 
 #[derive(clap::Args, Debug)]
@@ -62,7 +62,7 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     let float = Engine::load(&cfg.engine.models, Precision::Float, threads)?;
     let first = float.learn(&[(a.clone(), a2.clone())])?;
     let vga = cap.resized(640, 480);
-    float.apply(&first.delta, &vga, false)?;
+    float.apply_edit(first.edit(false), &vga)?;
     let startup = t_start.elapsed().as_secs_f64() * 1e3;
     println!(
         "takumi bench: {threads} threads, {} iterations, medians",
@@ -74,6 +74,9 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         "learn (one {}x{} pair, float): {learn:.1} ms",
         a.width, a.height
     );
+    let (va, va2) = (a.resized(640, 480), a2.resized(640, 480));
+    let learn_vga = time_ms(args.iters, || float.learn(&[(va.clone(), va2.clone())]))?;
+    println!("learn (one 640x480 pair, float): {learn_vga:.1} ms");
     let hd = cap.resized(1920, 1080);
     let int8 = Engine::load(&cfg.engine.models, Precision::Int8, threads)?;
     let mut model_ms = (0.0, 0.0);
@@ -82,6 +85,20 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
             let ms = time_ms(args.iters, || eng.apply(&first.delta, f, false))?;
             println!("apply {}x{} {name}: {ms:.1} ms", f.width, f.height);
         }
+    }
+    // the worst case of a template: every feature of the residual stage in use
+    let full = vec![1e-3f32; bank::NF * 3];
+    for f in [&vga, &hd] {
+        let edit = Edit {
+            delta: &first.delta,
+            residual: &full,
+            support: &first.source_hist,
+        };
+        let ms = time_ms(args.iters, || float.apply_edit(edit, f))?;
+        println!(
+            "apply {}x{} float, with the full residual stage: {ms:.1} ms",
+            f.width, f.height
+        );
     }
     // the ONNX models alone, for the onnxruntime comparison
     let thumbs = [

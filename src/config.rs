@@ -189,12 +189,29 @@ impl Default for StoreConfig {
 pub struct QualityConfig {
     /// Results whose quality-gate score exceeds this are flagged needs_review (docs/quality.md).
     pub review_threshold: f32,
+    /// Results of a template whose validated gain over doing nothing (its card) is under this
+    /// many dB are flagged needs_review too; so are templates with no validated gain.
+    pub min_validated_gain_db: f32,
+}
+
+impl QualityConfig {
+    /// Whether a result needs an operator's look: B is unlike the template's source, or the
+    /// template (in the direction applied) did not validate well on its own pair.
+    pub fn needs_review(&self, score: f32, card: &crate::store::Card, reverse: bool) -> bool {
+        let gain = if reverse {
+            card.reverse_gain_db
+        } else {
+            card.validated_gain_db
+        };
+        score > self.review_threshold || gain.is_none_or(|g| g < self.min_validated_gain_db)
+    }
 }
 
 impl Default for QualityConfig {
     fn default() -> Self {
         QualityConfig {
             review_threshold: 0.5,
+            min_validated_gain_db: 0.5,
         }
     }
 }
@@ -232,6 +249,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.quality.review_threshold) {
             return bad("quality.review_threshold", "must be between 0 and 1");
+        }
+        if !(0.0..=60.0).contains(&self.quality.min_validated_gain_db) {
+            return bad("quality.min_validated_gain_db", "must be between 0 and 60");
         }
         let st = &self.station;
         if st.id.is_empty()

@@ -10,7 +10,7 @@ use takumi::capture::load_image;
 use takumi::config::Config;
 use takumi::engine::{Engine, Precision};
 use takumi::publish::file::{ImageKind, PendingFile, encode};
-use takumi::store::{SourcePair, THUMB_SIDE, Template, TemplateName, TemplateStore};
+use takumi::store::{SourcePair, THUMB_SIDE, TemplateName, TemplateStore};
 use takumi::{Error, Frame};
 
 #[derive(Parser)]
@@ -227,21 +227,30 @@ fn learn(cfg: &Config, before: &[PathBuf], after: &[PathBuf], name: &str) -> any
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let t = Template {
-        name: name.clone(),
-        model_hash: eng.models.hash.clone(),
-        created_unix,
-        sources,
-        card: learned.card,
-        delta: learned.delta,
-        source_hist: learned.source_hist,
-    };
+    let t = learned.into_template(name.clone(), eng.models.hash.clone(), created_unix, sources);
     store.save(&t)?;
     let c = &t.card;
     println!(
-        "learned {name} from {} pair(s) in {ms:.0} ms: self-PSNR {:.2} dB, exposure {:+.2} EV, contrast x{:.2}, saturation x{:.2}, sharpness x{:.2}",
-        c.pairs, c.self_psnr_db, c.exposure_ev, c.contrast, c.saturation, c.sharpness
+        "learned {name} from {} pair(s) in {ms:.0} ms: {}; exposure {:+.2} EV, contrast x{:.2}, saturation x{:.2}, sharpness x{:.2}",
+        c.pairs,
+        c.validation_summary(),
+        c.exposure_ev,
+        c.contrast,
+        c.saturation,
+        c.sharpness
     );
+    for (i, r) in c
+        .registration
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.registered)
+    {
+        eprintln!(
+            "warning: pair {i} ({}) does not register (residual {:.1} px): it was not fitted pixel-wise",
+            before[i].display(),
+            r.residual_px
+        );
+    }
     Ok(())
 }
 
@@ -314,11 +323,11 @@ fn apply(
     let mut lines = Vec::with_capacity(jobs.len());
     for (i, o) in &jobs {
         let (frame, _) = load_image(i, &cfg.limits)?;
-        let out = eng.apply(&t.delta, &frame, reverse)?;
+        let out = eng.apply_edit(t.edit(reverse), &frame)?;
         let kind = ImageKind::from_path(o).unwrap_or(ImageKind::Png);
         pending.push(PendingFile::write(o, &encode(&out, kind)?)?);
         let score = eng.score(&t.source_hist, &frame);
-        let flag = if score > cfg.quality.review_threshold {
+        let flag = if cfg.quality.needs_review(score, &t.card, reverse) {
             " needs_review"
         } else {
             ""
@@ -383,6 +392,26 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                 "closed-form  {}",
                 if c.fit_used { "used" } else { "not used" }
             );
+            println!("validated    {}", c.validation_summary());
+            let g = &c.part_gains_db;
+            println!(
+                "parts        hypernet {:+.2} dB, tone {:+.2} dB, bank {:+.2} dB, position {:+.2} dB",
+                g.hypernet, g.tone, g.bank, g.position
+            );
+            if let Some(r) = c.reverse_gain_db {
+                println!("undo         {r:+.2} dB over doing nothing (validated)");
+            }
+            for (i, r) in c.registration.iter().enumerate() {
+                println!(
+                    "register {i}   {} shift ({:+.1}, {:+.1}) px, rotation {:+.2} deg, scale x{:.3}, residual {:.2} px",
+                    if r.registered { "ok" } else { "FAILED" },
+                    r.dx,
+                    r.dy,
+                    r.angle_deg,
+                    r.scale,
+                    r.residual_px
+                );
+            }
         }
         TemplatesCmd::Rm { name } => {
             store.remove(&TemplateName::new(&name)?)?;

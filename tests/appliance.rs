@@ -37,6 +37,11 @@ fn free_port() -> u16 {
 
 /// mosquitto on a free loopback port, or None (skipped) when it is not installed outside CI.
 fn mosquitto() -> Option<Mosquitto> {
+    mosquitto_with("max_packet_size 16777216\n")
+}
+
+/// mosquitto with `extra` configuration lines; "" keeps its defaults (no packet size limit).
+fn mosquitto_with(extra: &str) -> Option<Mosquitto> {
     let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
         .into_iter()
         .find(|p| Path::new(p).exists());
@@ -53,7 +58,9 @@ fn mosquitto() -> Option<Mosquitto> {
     let conf = dir.path().join("m.conf");
     std::fs::write(
         &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 16777216\nuser root\n"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n{extra}"
+        ),
     )
     .unwrap();
     let mut child = Command::new(bin)
@@ -241,7 +248,7 @@ async fn round_trip(cfg: Config, port: u16) {
         .unwrap();
     let engine =
         takumi::engine::Engine::load(&models(), takumi::engine::Precision::Float, 1).unwrap();
-    let want = engine.apply(&t.delta, &before, false).unwrap();
+    let want = engine.apply_edit(t.edit(false), &before).unwrap();
     let to_want = takumi::frame::psnr(&got, &want);
     let to_before = takumi::frame::psnr(&got, &before);
     assert!(
@@ -555,6 +562,73 @@ fn armed_station_captures_on_its_interval() {
         l.send("s1", json!({"id": "off", "op": "disarm"}).to_string())
             .await;
         assert_eq!(l.event("s1", "off").await["code"], "disarmed");
+        svc.stop().await.unwrap();
+    });
+}
+
+/// One oversized QoS 1 command, and one oversized retained fleet message, on a mosquitto with
+/// its default limits: each is dropped with an event, and the connection and later commands
+/// survive (before, the client dropped the connection and the broker redelivered forever).
+#[test]
+fn oversized_messages_are_dropped_with_events_and_the_station_survives() {
+    let Some(m) = mosquitto_with("") else { return };
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = station_cfg(d.path(), "s1", m.port, false);
+    cfg.fleet.public_key = Some(fleet_public(FLEET_SEED));
+    let big = vec![b'x'; 10 << 20];
+    rt().block_on(async {
+        let svc = takumi::appliance::service::start(cfg.clone())
+            .await
+            .unwrap();
+        let mut l = line(m.port, "takumi/s1/#").await;
+        l.online("s1").await;
+        l.send("s1", big.clone()).await;
+        let (_, p) = l
+            .wait(60, |t, p| {
+                t == "takumi/s1/event" && p.windows(7).any(|w| w == b"dropped")
+            })
+            .await;
+        let v: Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["code"], "bad_command", "{v}");
+        l.client
+            .publish("takumi/fleet/template/big", QoS::AtLeastOnce, true, big)
+            .await
+            .unwrap();
+        let (_, p) = l
+            .wait(60, |t, p| {
+                t == "takumi/s1/event" && p.windows(14).any(|w| w == b"fleet template")
+            })
+            .await;
+        let v: Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(v["code"], "bad_template", "{v}");
+        // later commands are answered, on the same connection
+        l.send(
+            "s1",
+            json!({"id": "after", "op": "templates.list"}).to_string(),
+        )
+        .await;
+        l.wait(30, |t, _| t == "takumi/s1/templates").await;
+        l.send("s1", json!({"id": "st", "op": "status"}).to_string())
+            .await;
+        let (_, p) = l
+            .wait(30, |t, p| {
+                t == "takumi/s1/status"
+                    && serde_json::from_slice::<Value>(p)
+                        .is_ok_and(|v| v["link"]["oversized_incoming"] == 2)
+            })
+            .await;
+        let st: Value = serde_json::from_slice(&p).unwrap();
+        assert_eq!(st["link"]["reconnects"], 0, "{st}");
+        // clear the retained message so it does not outlive the test's broker state
+        l.client
+            .publish(
+                "takumi/fleet/template/big",
+                QoS::AtLeastOnce,
+                true,
+                Vec::new(),
+            )
+            .await
+            .unwrap();
         svc.stop().await.unwrap();
     });
 }

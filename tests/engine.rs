@@ -5,12 +5,15 @@ mod common;
 use common::*;
 use takumi::Frame;
 use takumi::capture::{ImageLimits, load_image};
-use takumi::engine::{Engine, Precision};
+use takumi::config::QualityConfig;
+use takumi::engine::{Engine, Learned, Precision};
 use takumi::frame::psnr;
 
 /// Stated in models/MODEL_CARD.md ("Shipped sample pair"): the worst capture's PSNR against
-/// its ground truth after learn → apply on pair_before/pair_after.
-const SAMPLE_PSNR_DB: f32 = 26.0;
+/// its ground truth after learn → apply on pair_before/pair_after. Since learn v2 the edit
+/// fades out on tones and colours the pair never showed (the astronaut's blue and white suit is
+/// not in the coffee pair), trading a little there for never extrapolating blindly.
+const SAMPLE_PSNR_DB: f32 = 24.0;
 /// Reverse application: G(−Δ, G(Δ, B)) against B, worst capture (MODEL_CARD.md). Negating the
 /// template undoes most of the edit but is not an exact inverse (a gain of 1.2 comes back as 0.8).
 const REVERSE_PSNR_DB: f32 = 22.0;
@@ -27,10 +30,9 @@ fn engine(threads: usize) -> Engine {
     Engine::load(&models(), Precision::Float, threads).unwrap()
 }
 
-fn sample_template(e: &Engine) -> Vec<f32> {
+fn sample_template(e: &Engine) -> Learned {
     e.learn(&[(img("pair_before.jpg"), img("pair_after.jpg"))])
         .unwrap()
-        .delta
 }
 
 #[test]
@@ -40,10 +42,19 @@ fn sample_pair_transfers_its_edit_to_the_captures() {
     for name in ["chelsea", "astronaut", "rocket"] {
         let b = img(&format!("captures/{name}.jpg"));
         let want = img(&format!("expected/{name}.jpg"));
-        let out = e.apply(&t, &b, false).unwrap();
+        let out = e.apply_edit(t.edit(false), &b).unwrap();
         assert_eq!((out.width, out.height), (b.width, b.height));
         let p = psnr(&out, &want);
         let ident = psnr(&b, &want);
+        // the night-time rocket shows tones the daylight pair never did: the quality gate flags
+        // it, and the edit fades out there, so it only has to do no harm
+        if e.score(&t.source_hist, &b) > QualityConfig::default().review_threshold {
+            assert!(
+                p >= ident,
+                "{name}: {p:.2} dB is below doing nothing ({ident:.2})"
+            );
+            continue;
+        }
         assert!(p >= SAMPLE_PSNR_DB, "{name}: {p:.2} dB < {SAMPLE_PSNR_DB}");
         assert!(
             p > ident + 3.0,
@@ -58,8 +69,8 @@ fn reverse_undoes_the_edit() {
     let t = sample_template(&e);
     for name in ["chelsea", "astronaut", "rocket"] {
         let b = img(&format!("captures/{name}.jpg"));
-        let edited = e.apply(&t, &b, false).unwrap();
-        let back = e.apply(&t, &edited.quantised(), true).unwrap();
+        let edited = e.apply_edit(t.edit(false), &b).unwrap();
+        let back = e.apply_edit(t.edit(true), &edited.quantised()).unwrap();
         let p = psnr(&back, &b);
         assert!(
             p >= REVERSE_PSNR_DB,
@@ -88,8 +99,8 @@ fn thread_bands_leave_no_seams() {
     // the frame is split into row bands across threads; one thread and three must agree exactly
     let t = sample_template(&engine(1));
     let b = img("captures/astronaut.jpg");
-    let one = engine(1).apply(&t, &b, false).unwrap();
-    let three = engine(3).apply(&t, &b, false).unwrap();
+    let one = engine(1).apply_edit(t.edit(false), &b).unwrap();
+    let three = engine(3).apply_edit(t.edit(false), &b).unwrap();
     assert_eq!(one.data, three.data);
 }
 
@@ -100,7 +111,7 @@ fn frames_from_320x240_to_1920x1080_keep_their_size() {
     let b = img("captures/rocket.jpg");
     for (w, h) in [(320, 240), (641, 479), (1920, 1080)] {
         let f = b.resized(w, h);
-        let out = e.apply(&t, &f, false).unwrap();
+        let out = e.apply_edit(t.edit(false), &f).unwrap();
         assert_eq!((out.width, out.height), (w, h));
         assert!(out.data.iter().all(|v| v.is_finite()));
         assert!(psnr(&out, &f) < 40.0, "{w}x{h}: the edit was not applied");

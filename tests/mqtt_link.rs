@@ -846,10 +846,7 @@ async fn watcher(
                     let _ = ready_tx.try_send(());
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(Incoming {
-                        topic: p.topic,
-                        payload: p.payload.to_vec(),
-                    });
+                    let _ = tx.send(Incoming::new(p.topic, p.payload.to_vec()));
                 }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,

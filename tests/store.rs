@@ -6,7 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use takumi::store::{
-    Card, SourcePair, StoreError, THUMB_BYTES, Template, TemplateName, TemplateStore,
+    Card, PairRegistration, PartGains, SourcePair, StoreError, THUMB_BYTES, Template, TemplateName,
+    TemplateStore, template::RESIDUAL_LEN,
 };
 
 const CRASH_CHILD_ENV: &str = "TAKUMI_STORE_CHILD_DIR";
@@ -49,10 +50,37 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
             self_psnr_db: 38.5,
             pairs: pairs as u32,
             fit_used: true,
+            validated_gain_db: Some(6.5),
+            reverse_gain_db: None,
+            part_gains_db: PartGains {
+                hypernet: 0.5,
+                tone: 4.0,
+                bank: 0.0,
+                position: 1.0,
+            },
+            heldout_pair_psnr_db: None,
+            registration: (0..pairs)
+                .map(|p| PairRegistration {
+                    registered: p % 2 == 0,
+                    dx: 3.0,
+                    dy: -2.5,
+                    angle_deg: 1.5,
+                    scale: 1.02,
+                    residual_px: 0.2,
+                })
+                .collect(),
         },
         delta: (0..delta_len)
             .map(|i| (i % 977) as f32 * 0.001 + s)
             .collect(),
+        reverse_delta: (0..delta_len).map(|i| -(i as f32) * 0.002).collect(),
+        residual: if delta_len > 0 {
+            (0..RESIDUAL_LEN).map(|i| i as f32 * 1e-3).collect()
+        } else {
+            Vec::new()
+        },
+        reverse_residual: Vec::new(),
+        target_hist: (0..56).map(|i| (56 - i) as f32 / 56.0).collect(),
         source_hist: (0..56).map(|i| i as f32 / 56.0).collect(),
     }
 }
@@ -527,8 +555,8 @@ fn version_mismatch_is_reported() {
     let bytes = t.to_bytes();
     let mut body = bytes[..bytes.len() - 32].to_vec();
     // The header is JSON inside a JSON string, so its quotes are escaped.
-    let from = br#"format_version\":1,"#;
-    let to = br#"format_version\":2,"#;
+    let from = br#"format_version\":2,"#;
+    let to = br#"format_version\":3,"#;
     let at = body
         .windows(from.len())
         .position(|w| w == from)
@@ -537,14 +565,14 @@ fn version_mismatch_is_reported() {
     let bytes = seal(body);
     assert!(matches!(
         Template::from_bytes(&bytes),
-        Err(StoreError::Version { found: 2 })
+        Err(StoreError::Version { found: 3 })
     ));
 
     let (_tmp, store) = new_store();
     fs::write(store.path_of(&t.name), &bytes).unwrap();
     let err = store.load(&t.name).unwrap_err();
-    assert!(matches!(err, StoreError::Version { found: 2 }), "{err:?}");
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(matches!(err, StoreError::Version { found: 3 }), "{err:?}");
+    assert!(err.to_string().contains("version 3"), "{err}");
 }
 
 #[test]
@@ -679,6 +707,7 @@ fn crash_template(n: &str, seq: u64, len: usize) -> Template {
     t.delta = (0..len)
         .map(|i| (seq * 1000 + (i % 1000) as u64) as f32)
         .collect();
+    t.reverse_delta = t.delta.iter().map(|v| -v).collect();
     t
 }
 

@@ -144,6 +144,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         )
         .map_err(link_err)?,
     );
+    let link_limit = mc.max_packet_bytes;
     let (link, mut incoming) = MqttLink::start(mc, outbox.clone()).map_err(link_err)?;
     let cmd_topic = format!("{root}/cmd");
     let fleet_prefix = format!("{}/fleet/template/", cfg.station.prefix);
@@ -162,7 +163,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         store,
         camera,
         cfg.limits,
-        cfg.quality.review_threshold,
+        cfg.quality.clone(),
         fleet,
     );
     let model = station.model_hash().to_string();
@@ -265,6 +266,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             before: None,
             after: None,
         };
+        let mut seen_dropped = 0u64;
         let mut status_tick =
             tokio::time::interval(Duration::from_secs(cfg.station.status_interval_s));
         let capture_every = Duration::from_millis(cfg.station.capture_interval_ms.max(1));
@@ -278,9 +280,9 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 _ = &mut stop_rx => break,
                 Some(m) = incoming.recv() => {
                     if m.topic == cmd_topic {
-                        if m.payload.len() > cfg.station.max_payload_bytes {
+                        if m.oversized() || m.size > cfg.station.max_payload_bytes {
                             publish_event(&link, Event { level: Level::Error, code: "bad_command".into(),
-                                message: format!("payload of {} bytes is over the {} byte limit", m.payload.len(), cfg.station.max_payload_bytes),
+                                message: format!("command of {} bytes dropped: over the {} byte limit", m.size, cfg.station.max_payload_bytes),
                                 request_id: None });
                             continue;
                         }
@@ -301,6 +303,10 @@ pub async fn start(cfg: Config) -> Result<Running> {
                             publish_event(&link, Event { level: Level::Error, code: "overloaded".into(),
                                 message: format!("{} commands already queued; refused", cfg.station.queue), request_id: rid });
                         }
+                    } else if m.topic.starts_with(&fleet_prefix) && m.oversized() {
+                        publish_event(&link, Event { level: Level::Warning, code: "bad_template".into(),
+                            message: format!("fleet template {} of {} bytes dropped: over the {} byte limit", m.topic, m.size, link_limit),
+                            request_id: None });
                     } else if m.topic.starts_with(&fleet_prefix) && !m.payload.is_empty()
                         && !submit(&job_tx, Job::Fleet(m.payload)) {
                         publish_event(&link, Event { level: Level::Warning, code: "overloaded".into(),
@@ -377,6 +383,23 @@ pub async fn start(cfg: Config) -> Result<Running> {
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                     }
                 }
+            }
+            // the link drops what this loop cannot read in time: say so, never silently
+            let dropped = link.stats().dropped_incoming;
+            if dropped > seen_dropped {
+                publish_event(
+                    &link,
+                    Event {
+                        level: Level::Error,
+                        code: "overloaded".into(),
+                        message: format!(
+                            "{} incoming messages dropped unread: the station could not keep up",
+                            dropped - seen_dropped
+                        ),
+                        request_id: None,
+                    },
+                );
+                seen_dropped = dropped;
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

@@ -13,6 +13,7 @@ use super::protocol::{
 };
 use crate::capture::file::decode_image;
 use crate::capture::{FrameSource, ImageLimits};
+use crate::config::QualityConfig;
 use crate::display::RgbImage8;
 use crate::engine::Engine;
 use crate::frame::Frame;
@@ -81,7 +82,7 @@ pub struct Station {
     store: TemplateStore,
     camera: Box<dyn FrameSource>,
     limits: ImageLimits,
-    review_threshold: f32,
+    quality: QualityConfig,
     last_before: Option<Frame>,
     last_after: Option<Frame>,
     armed: Option<(String, String, bool)>, // (template, request id, reverse)
@@ -117,7 +118,7 @@ impl Station {
         store: TemplateStore,
         camera: Box<dyn FrameSource>,
         limits: ImageLimits,
-        review_threshold: f32,
+        quality: QualityConfig,
         fleet: FleetKeys,
     ) -> Self {
         Station {
@@ -126,7 +127,7 @@ impl Station {
             store,
             camera,
             limits,
-            review_threshold,
+            quality,
             last_before: None,
             last_after: None,
             armed: None,
@@ -289,11 +290,11 @@ impl Station {
                     .to_rgb8()
                 };
                 let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
-                let t = Template {
-                    name: name.clone(),
-                    model_hash: self.engine.models.hash.clone(),
-                    created_unix: now_ms() / 1000,
-                    sources: vec![SourcePair {
+                let t = learned.into_template(
+                    name.clone(),
+                    self.engine.models.hash.clone(),
+                    now_ms() / 1000,
+                    vec![SourcePair {
                         before_blake3: hash(&before),
                         after_blake3: hash(&after),
                         width: before.width as u32,
@@ -301,10 +302,7 @@ impl Station {
                         thumb_before: thumb(&before),
                         thumb_after: thumb(&after),
                     }],
-                    card: learned.card,
-                    delta: learned.delta,
-                    source_hist: learned.source_hist,
-                };
+                );
                 self.store
                     .save(&t)
                     .map_err(|e| ("store_failed", e.to_string()))?;
@@ -312,9 +310,17 @@ impl Station {
                 let mut out = vec![event(
                     Level::Info,
                     "learned",
-                    format!("learned {name}: self-PSNR {:.2} dB", t.card.self_psnr_db),
+                    format!("learned {name}: {}", t.card.validation_summary()),
                     Some(&id),
                 )];
+                if t.card.registration.iter().any(|r| !r.registered) {
+                    out.push(event(
+                        Level::Warning,
+                        "unregistered",
+                        format!("{name}: the after shot does not register onto the before shot (moved too far, or another scene); it was not fitted pixel-wise and its results need review"),
+                        Some(&id),
+                    ));
+                }
                 // shared with the fleet only when this station can sign it
                 if let Some(signed) = self.fleet.sign(&file) {
                     out.push(Outgoing::Fleet {
@@ -485,7 +491,7 @@ impl Station {
         let t0 = Instant::now();
         let out = self
             .engine
-            .apply(&t.delta, &frame, reverse)
+            .apply_edit(t.edit(reverse), &frame)
             .map_err(|e| ("apply_failed", e.to_string()))?;
         let score = self.engine.score(&t.source_hist, &frame);
         let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
@@ -495,7 +501,7 @@ impl Station {
             id: format!("r{}-{}", now_ms(), self.seq),
             request_id: request.into(),
             template: template.into(),
-            state: if score > self.review_threshold {
+            state: if self.quality.needs_review(score, &t.card, reverse) {
                 ResultState::NeedsReview
             } else {
                 ResultState::Pending

@@ -1,102 +1,523 @@
-//! Closed-form refinement of a template in `learn`: the least-squares global coefficient offset
-//! that best explains what the hypernetwork's template left unexplained on the (aligned) pair.
-//! The offset enters G linearly, so this is ridge regression on per-pixel features. Its strength
-//! is chosen by two-fold validation on a checkerboard of 32 px blocks of the pair itself (never
-//! on B), and the offset is dropped when it does not beat leaving it out.
-//! Mirrors `Fit` in models/train/takumi_learn.py.
+//! The closed-form parts of a template, fitted in `learn` on the registered pair(s):
+//! * `tone`: a global offset of G's coefficient grid (per luminance bin, G's own features);
+//! * `bank`: the residual stage's colour, blur scales and bias (see bank.rs);
+//! * `position`: the residual stage's smooth position terms (vignette, lens shading);
+//! on top of one of two bases: G with the hypernetwork's template, or B itself.
+//!
+//! All parts enter linearly, so each is ridge regression from per-pixel features, kept as normal
+//! equations per tile of a 4 x 4 grid (and per pair). Validation fits on one side of the frame
+//! and scores the other: left/right, top/bottom, centre/border, and with several pairs leave one
+//! pair out. A spatial or content-specific fit cannot cheat those splits. The template keeps the
+//! combination of base, parts and ridge strength that validates best; doing nothing is one of the
+//! candidates, so a kept part always validates better than leaving the capture alone.
 
-use super::filterbank::{Blurs, pixel_at};
+use super::bank::{self, NF};
+use super::filterbank::{self, Blurs, pixel_at};
 use super::model::{CK, K, LBINS};
 use crate::Frame;
 
-const P: usize = LBINS * K;
-const BLOCK: usize = 32;
-pub const TARGET_SAMPLES: f64 = 30000.0;
+const TONE_P: usize = LBINS * K;
+/// Unknowns per output channel: the tone offset, then the residual stage's weights.
+const P: usize = TONE_P + NF;
+const TILES: usize = 4;
+const TARGET_SAMPLES: f64 = 40000.0;
+const LAMBDAS: [f64; 3] = [1e-1, 1e-2, 1e-3];
+/// Weight (relative to the mean diagonal) of the tone offset's smoothness across luminance
+/// bins: a bin the pair barely shows follows its neighbours instead of fitting a few pixels,
+/// so tones that B has and A lacks get the edit of the nearest tones A has. The spatial splits
+/// cannot see that extrapolation, so this is fixed rather than validated.
+const SMOOTH: f64 = 1e-2;
+/// Weight of the prior, as a fraction of the fit's samples, spread over a grid of colours.
+/// The prior says "no change beyond the base" for every colour: where the pair shows a colour,
+/// its pixels outweigh it; where it never does, the correction leans to the base instead of
+/// extrapolating a colour map fitted on other colours.
+const PRIOR_WEIGHT: f64 = 0.05;
+const PRIOR_GRID: usize = 8;
+/// A part must buy at least this much validated gain to be kept.
+const MIN_PART_GAIN_DB: f64 = 0.01;
+const GROUPS: usize = 3;
 
-pub struct FitAcc {
-    m: [Vec<f64>; 2],
+/// Base of the fit: what the closed-form parts correct.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Base {
+    Hypernet = 0,
+    Identity = 1,
+}
+
+/// Normal equations of one region: sum phi phi^T (upper triangle while accumulating), and per
+/// base sum phi r^T and sum |r|^2.
+#[derive(Clone)]
+struct Normal {
+    m: Vec<f64>,
     v: [Vec<f64>; 2],
     rr: [f64; 2],
-    samples: usize,
+    n: usize,
 }
 
-impl Default for FitAcc {
-    fn default() -> Self {
-        FitAcc {
-            m: [vec![0.0; P * P], vec![0.0; P * P]],
+impl Normal {
+    fn zeros() -> Self {
+        Normal {
+            m: vec![0.0; P * P],
             v: [vec![0.0; P * 3], vec![0.0; P * 3]],
             rr: [0.0; 2],
-            samples: 0,
+            n: 0,
         }
     }
-}
 
-pub fn stride(w: usize, h: usize) -> usize {
-    (((w * h) as f64 / TARGET_SAMPLES).sqrt().round() as usize).max(2)
-}
-
-impl FitAcc {
-    /// Adds one pair: `a` (before) with its blurs, `after`, `pred` = G(template, a), and the shift
-    /// of `after` against `a`. The two folds accumulate on two threads: each keeps its own
-    /// normal equations, so the sums are the same as on one thread.
-    pub fn add(
-        &mut self,
-        a: &Frame,
-        blurs: &Blurs,
-        after: &Frame,
-        pred: &Frame,
-        shift: (i64, i64),
-    ) {
-        let (ox, oy, ow, oh) = super::align::overlap(a.width, a.height, shift.0, shift.1);
-        let s = stride(ow, oh);
-        let rect = (ox, oy, ow, oh, s);
-        let [m0, m1] = &mut self.m;
-        let [v0, v1] = &mut self.v;
-        let [r0, r1] = &mut self.rr;
-        let (n0, n1) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| accumulate(0, rect, a, blurs, after, pred, shift, m0, v0, r0));
-            let n1 = accumulate(1, rect, a, blurs, after, pred, shift, m1, v1, r1);
-            (h.join().unwrap_or(0), n1)
-        });
-        self.samples += n0 + n1;
+    fn add(&mut self, o: &Normal) {
+        self.m.iter_mut().zip(&o.m).for_each(|(a, b)| *a += b);
+        for k in 0..2 {
+            self.v[k].iter_mut().zip(&o.v[k]).for_each(|(a, b)| *a += b);
+            self.rr[k] += o.rr[k];
+        }
+        self.n += o.n;
     }
 
-    /// The offset in the template's layout `[(l*3 + c)*K + k]`, or None when it does not validate.
-    pub fn solve(&self) -> Option<Vec<f32>> {
-        let tr: f64 = (0..P)
-            .map(|i| self.m[0][i * P + i] + self.m[1][i * P + i])
-            .sum();
-        if tr <= 0.0 {
+    fn sum<'a>(parts: impl IntoIterator<Item = &'a Normal>) -> Normal {
+        let mut s = Normal::zeros();
+        for p in parts {
+            s.add(p);
+        }
+        s
+    }
+}
+
+/// What one pair contributes, in one direction: features come from `src` (with G's blurs and
+/// the residual stage's planes), the target is `target` where `mask` holds, and `pred` is
+/// G(hypernetwork's template, src).
+pub struct PairData<'a> {
+    pub src: &'a Frame,
+    pub blurs: &'a Blurs,
+    pub planes: &'a bank::Planes,
+    pub pred: &'a Frame,
+    pub target: &'a Frame,
+    pub mask: &'a [bool],
+}
+
+#[derive(Default)]
+pub struct Accumulator {
+    /// `TILES * TILES` normals per pair, pair-major.
+    tiles: Vec<Normal>,
+}
+
+/// Validated gains in dB over doing nothing; 0 for a part not kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Gains {
+    pub total: f32,
+    pub hypernet: f32,
+    pub tone: f32,
+    pub bank: f32,
+    pub position: f32,
+}
+
+/// The chosen template parts for one direction.
+pub struct Selection {
+    pub base: Base,
+    /// G's grid offset in the template's layout `[(l*3 + c)*K + k]`, or None.
+    pub tone: Option<Vec<f32>>,
+    /// The residual stage's weights (`NF x 3`), or empty.
+    pub residual: Vec<f32>,
+    pub gains: Gains,
+    /// PSNR of the chosen fit on all its pairs.
+    pub fit_psnr_db: f32,
+    /// With two or more pairs: mean PSNR on each pair when fitted on the others.
+    pub heldout_pair_psnr_db: Option<f32>,
+}
+
+fn stride(w: usize, h: usize) -> usize {
+    (((w * h) as f64 / TARGET_SAMPLES).sqrt().round() as usize).max(1)
+}
+
+impl Accumulator {
+    pub fn pairs(&self) -> usize {
+        self.tiles.len() / (TILES * TILES)
+    }
+
+    /// Adds one pair; the top and bottom halves of the tile grid accumulate on two threads.
+    pub fn add_pair(&mut self, d: &PairData) {
+        let mut tiles = vec![Normal::zeros(); TILES * TILES];
+        let (top, bottom) = tiles.split_at_mut(TILES * TILES / 2);
+        let h = d.src.height;
+        let split = (TILES / 2 * h).div_ceil(TILES);
+        std::thread::scope(|sc| {
+            sc.spawn(|| accumulate(d, 0..split, top, 0));
+            accumulate(d, split..h, bottom, TILES / 2);
+        });
+        self.tiles.extend(tiles);
+    }
+
+    /// Chooses base, parts and ridge strength by validation, then fits them on everything.
+    pub fn select(&self) -> Option<Selection> {
+        let all = Normal::sum(&self.tiles);
+        if all.n < 64 {
             return None;
         }
-        let base = self.rr[0] + self.rr[1];
-        let mut best: (f64, Option<f64>) = (base, None);
-        for j in 1..=6 {
-            let lam = tr / P as f64 * 10f64.powi(-j);
-            let mut err = 0.0;
-            for (a, b) in [(0, 1), (1, 0)] {
-                let Some(d) = ridge(&self.m[a], &self.v[a], lam) else {
-                    err = f64::INFINITY;
-                    break;
-                };
-                err += val_error(&self.m[b], &self.v[b], self.rr[b], &d);
-            }
-            if err < best.0 {
-                best = (err, Some(lam));
+        let folds = self.folds();
+        let scores = Scores::new(&folds);
+        let (mut base, mut set, mut lam) = scores.best();
+        // drop parts that buy less than MIN_PART_GAIN_DB; then report each part's gain
+        loop {
+            let best = scores.get(base, set, lam);
+            let weak = (0..GROUPS).find(|g| {
+                set & (1 << g) != 0
+                    && gain_db(scores.best_without(base, set & !(1 << g)).3, best)
+                        < MIN_PART_GAIN_DB
+            });
+            let Some(g) = weak else { break };
+            (base, set, lam, _) = scores.best_without(base, set & !(1 << g));
+        }
+        // the hypernetwork's template is a part too: keep it only if it buys its share
+        if base == Base::Hypernet {
+            let (_, s, l, e) = scores.best_without(Base::Identity, set);
+            if gain_db(e, scores.get(base, set, lam)) < MIN_PART_GAIN_DB {
+                (base, set, lam) = (Base::Identity, s, l);
             }
         }
-        let lam = best.1?;
-        let m: Vec<f64> = self.m[0]
-            .iter()
-            .zip(&self.m[1])
-            .map(|(a, b)| a + b)
-            .collect();
-        let v: Vec<f64> = self.v[0]
-            .iter()
-            .zip(&self.v[1])
-            .map(|(a, b)| a + b)
-            .collect();
-        let d = ridge(&m, &v, lam)?;
+        let best = scores.get(base, set, lam);
+        let part = |g: usize| {
+            if set & (1 << g) == 0 {
+                0.0
+            } else {
+                gain_db(scores.best_without(base, set & !(1 << g)).3, best) as f32
+            }
+        };
+        let other = match base {
+            Base::Hypernet => Base::Identity,
+            Base::Identity => Base::Hypernet,
+        };
+        let gains = Gains {
+            total: gain_db(scores.identity(), best) as f32,
+            hypernet: if base == Base::Hypernet {
+                gain_db(scores.best_of_base(other), best) as f32
+            } else {
+                0.0
+            },
+            tone: part(0),
+            bank: part(1),
+            position: part(2),
+        };
+        let d = solve(&all, base, set, lam);
+        let fit_err = match &d {
+            Some(d) => val_error(&all, base, set, d),
+            None => all.rr[base as usize],
+        };
+        let (tone, residual) = unpack(d.as_deref(), set);
+        Some(Selection {
+            base,
+            tone,
+            residual,
+            gains,
+            fit_psnr_db: psnr(fit_err, all.n),
+            heldout_pair_psnr_db: self.heldout_pairs(base, set, lam),
+        })
+    }
+
+    /// (fit, validate) pairs of regions: the spatial splits, then leave one pair out.
+    fn folds(&self) -> Vec<(Normal, Normal)> {
+        let np = self.pairs();
+        let region = |keep: &dyn Fn(usize, usize) -> bool| {
+            Normal::sum(self.tiles.iter().enumerate().filter_map(|(i, t)| {
+                let tile = i % (TILES * TILES);
+                keep(tile / TILES, tile % TILES).then_some(t)
+            }))
+        };
+        let centre =
+            |ty: usize, tx: usize| (1..TILES - 1).contains(&ty) && (1..TILES - 1).contains(&tx);
+        let halves: [(Normal, Normal); 3] = [
+            (
+                region(&|_, tx| tx < TILES / 2),
+                region(&|_, tx| tx >= TILES / 2),
+            ),
+            (
+                region(&|ty, _| ty < TILES / 2),
+                region(&|ty, _| ty >= TILES / 2),
+            ),
+            (region(&centre), region(&|ty, tx| !centre(ty, tx))),
+        ];
+        let mut folds = Vec::new();
+        for (a, b) in halves {
+            folds.push((a.clone(), b.clone()));
+            folds.push((b, a));
+        }
+        if np >= 2 {
+            for p in 0..np {
+                folds.push(self.leave_out(p));
+            }
+        }
+        folds
+    }
+
+    /// (every other pair, pair p).
+    fn leave_out(&self, p: usize) -> (Normal, Normal) {
+        let per = TILES * TILES;
+        let held = Normal::sum(&self.tiles[p * per..(p + 1) * per]);
+        let rest = Normal::sum(
+            self.tiles
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i / per != p)
+                .map(|(_, t)| t),
+        );
+        (rest, held)
+    }
+
+    fn heldout_pairs(&self, base: Base, set: u8, lam: usize) -> Option<f32> {
+        let np = self.pairs();
+        if np < 2 {
+            return None;
+        }
+        let sum: f32 = (0..np)
+            .map(|p| {
+                let (fit, held) = self.leave_out(p);
+                let err = match solve(&fit, base, set, lam) {
+                    Some(d) => val_error(&held, base, set, &d),
+                    None => held.rr[base as usize],
+                };
+                psnr(err, held.n)
+            })
+            .sum();
+        Some(sum / np as f32)
+    }
+}
+
+fn psnr(sq_err: f64, n: usize) -> f32 {
+    let mse = (sq_err / (3 * n.max(1)) as f64).max(1e-12);
+    (10.0 * (1.0 / mse).log10()).min(99.0) as f32
+}
+
+fn gain_db(reference: f64, err: f64) -> f64 {
+    10.0 * (reference.max(1e-18) / err.max(1e-18)).log10()
+}
+
+/// Validation error of every (base, parts, lambda), summed over the folds.
+struct Scores {
+    /// `[base][set][lambda]`; set 0 (no parts) is the base alone, the same for every lambda.
+    err: [[[f64; LAMBDAS.len()]; 1 << GROUPS]; 2],
+    identity: f64,
+}
+
+impl Scores {
+    fn new(folds: &[(Normal, Normal)]) -> Self {
+        let mut err = [[[0.0f64; LAMBDAS.len()]; 1 << GROUPS]; 2];
+        for (fit, val) in folds {
+            for b in 0..2 {
+                err[b][0].iter_mut().for_each(|e| *e += val.rr[b]);
+            }
+            for set in 1..(1u8 << GROUPS) {
+                let idx = columns(set);
+                for (li, lam) in LAMBDAS.iter().enumerate() {
+                    let chol = cholesky(fit, &idx, *lam);
+                    for (b, base) in [Base::Hypernet, Base::Identity].into_iter().enumerate() {
+                        err[b][set as usize][li] += match &chol {
+                            Some(l) => val_error(val, base, set, &solve_with(l, fit, base, &idx)),
+                            None => f64::INFINITY,
+                        };
+                    }
+                }
+            }
+        }
+        let identity = err[Base::Identity as usize][0][0];
+        Scores { err, identity }
+    }
+
+    fn get(&self, base: Base, set: u8, lam: usize) -> f64 {
+        self.err[base as usize][set as usize][lam]
+    }
+
+    fn identity(&self) -> f64 {
+        self.identity
+    }
+
+    /// The best (base, set, lambda); ties go to fewer parts and to the identity base.
+    fn best(&self) -> (Base, u8, usize) {
+        let (b, s, l, _) = self.search(|_, _| true);
+        (b, s, l)
+    }
+
+    /// Best configuration on `base` whose parts are a subset of `allowed`.
+    fn best_without(&self, base: Base, allowed: u8) -> (Base, u8, usize, f64) {
+        self.search(|b, s| b == base && s & !allowed == 0)
+    }
+
+    fn best_of_base(&self, base: Base) -> f64 {
+        self.search(|b, _| b == base).3
+    }
+
+    fn search(&self, ok: impl Fn(Base, u8) -> bool) -> (Base, u8, usize, f64) {
+        let mut best = (Base::Identity, 0u8, 0usize, f64::INFINITY);
+        for base in [Base::Identity, Base::Hypernet] {
+            for set in 0..(1u8 << GROUPS) {
+                if !ok(base, set) {
+                    continue;
+                }
+                for (l, &e) in self.err[base as usize][set as usize].iter().enumerate() {
+                    if e < best.3 * (1.0 - 1e-9) {
+                        best = (base, set, l, e);
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Unknowns used by a set of parts (bit 0 tone, 1 bank, 2 position).
+fn columns(set: u8) -> Vec<usize> {
+    let mut idx = Vec::new();
+    if set & 1 != 0 {
+        idx.extend(0..TONE_P);
+    }
+    if set & 2 != 0 {
+        idx.extend(bank::BANK.map(|j| TONE_P + j));
+    }
+    if set & 4 != 0 {
+        idx.extend(bank::POSITION.map(|j| TONE_P + j));
+    }
+    idx
+}
+
+/// m[i][j] for i <= j is accumulated; read either triangle through this.
+#[inline]
+fn sym(m: &[f64], i: usize, j: usize) -> f64 {
+    if i <= j { m[i * P + j] } else { m[j * P + i] }
+}
+
+/// The full-length solution (zeros outside `set`) of the ridge problem, or None.
+fn solve(n: &Normal, base: Base, set: u8, lam: usize) -> Option<Vec<f64>> {
+    if set == 0 {
+        return Some(vec![0.0; P * 3]);
+    }
+    let idx = columns(set);
+    let l = cholesky(n, &idx, LAMBDAS[lam])?;
+    Some(solve_with(&l, n, base, &idx))
+}
+
+/// sum phi phi^T over the prior's colours (flat patches at the frame centre, so the position
+/// terms are free), per colour; upper triangle like `Normal::m`.
+fn prior() -> &'static [f64] {
+    static PRIOR: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    PRIOR.get_or_init(|| {
+        let mut m = vec![0.0f64; P * P];
+        let g = PRIOR_GRID;
+        let mut f = [0.0f32; K];
+        for i in 0..g * g * g {
+            // a flat patch of one colour: its blurs are the colour, its position the centre
+            let rgb = [i / (g * g), (i / g) % g, i % g].map(|v| (v as f32 + 0.5) / g as f32);
+            filterbank::pixel_features(rgb, rgb, rgb, &mut f);
+            let (l0, w0, w1) = filterbank::lum_bins(filterbank::luminance(rgb[0], rgb[1], rgb[2]));
+            let mut idx = Vec::with_capacity(2 * K + 19);
+            let mut val = Vec::with_capacity(2 * K + 19);
+            for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
+                if l < LBINS && wl != 0.0 {
+                    for (k, fk) in f.iter().enumerate() {
+                        idx.push(l * K + k);
+                        val.push((wl * fk) as f64);
+                    }
+                }
+            }
+            for j in bank::BANK {
+                idx.push(TONE_P + j);
+                val.push(if j == 18 { 1.0 } else { rgb[j % 3] as f64 });
+            }
+            for (a, (&ia, &va)) in idx.iter().zip(&val).enumerate() {
+                for (&ib, &vb) in idx[a..].iter().zip(&val[a..]) {
+                    m[ia * P + ib] += va * vb / (g * g * g) as f64;
+                }
+            }
+        }
+        m
+    })
+}
+
+/// The smoothness penalty's entry (i, j): first differences between the same feature in
+/// adjacent luminance bins of the tone offset.
+fn smooth(i: usize, j: usize, mu: f64) -> f64 {
+    if i >= TONE_P || j >= TONE_P || i % K != j % K {
+        return 0.0;
+    }
+    let (li, lj) = (i / K, j / K);
+    if li == lj {
+        mu * if li == 0 || li == LBINS - 1 { 1.0 } else { 2.0 }
+    } else if li.abs_diff(lj) == 1 {
+        -mu
+    } else {
+        0.0
+    }
+}
+
+/// Cholesky factor of (m + smoothness + lam I) restricted to `idx`; hand-written because a
+/// ~170 x 170 solve a few hundred times per template does not justify a linear-algebra
+/// dependency. `lam` is relative to the mean diagonal.
+fn cholesky(n: &Normal, idx: &[usize], lam: f64) -> Option<Vec<f64>> {
+    let scale = ((0..P).map(|i| n.m[i * P + i]).sum::<f64>() / P as f64).max(1e-12);
+    let (lam, mu) = (lam * scale, SMOOTH * scale);
+    let (pm, pw) = (prior(), PRIOR_WEIGHT * n.n as f64);
+    let q = idx.len();
+    let mut l = vec![0.0f64; q * q];
+    for i in 0..q {
+        for j in 0..=i {
+            let mut s = sym(&n.m, idx[i], idx[j])
+                + pw * sym(pm, idx[i], idx[j])
+                + smooth(idx[i], idx[j], mu)
+                + if i == j { lam } else { 0.0 };
+            let (ri, rj) = (&l[i * q..i * q + j], &l[j * q..j * q + j]);
+            s -= ri.iter().zip(rj).map(|(a, b)| a * b).sum::<f64>();
+            if i == j {
+                if s <= 0.0 {
+                    return None;
+                }
+                l[i * q + i] = s.sqrt();
+            } else {
+                l[i * q + j] = s / l[j * q + j];
+            }
+        }
+    }
+    Some(l)
+}
+
+fn solve_with(l: &[f64], n: &Normal, base: Base, idx: &[usize]) -> Vec<f64> {
+    let q = idx.len();
+    let v = &n.v[base as usize];
+    let mut d = vec![0.0f64; P * 3];
+    for c in 0..3 {
+        let mut y = vec![0.0f64; q];
+        for i in 0..q {
+            let s = v[idx[i] * 3 + c] - (0..i).map(|k| l[i * q + k] * y[k]).sum::<f64>();
+            y[i] = s / l[i * q + i];
+        }
+        let mut x = vec![0.0f64; q];
+        for i in (0..q).rev() {
+            let s = y[i] - (i + 1..q).map(|k| l[k * q + i] * x[k]).sum::<f64>();
+            x[i] = s / l[i * q + i];
+        }
+        for (i, &j) in idx.iter().enumerate() {
+            d[j * 3 + c] = x[i];
+        }
+    }
+    d
+}
+
+/// sum over the region of |r - phi.d|^2, from its normal equations.
+fn val_error(n: &Normal, base: Base, set: u8, d: &[f64]) -> f64 {
+    let idx = columns(set);
+    let v = &n.v[base as usize];
+    let mut e = n.rr[base as usize];
+    for c in 0..3 {
+        for &p in &idx {
+            let dp = d[p * 3 + c];
+            let md: f64 = idx.iter().map(|&q| sym(&n.m, p, q) * d[q * 3 + c]).sum();
+            e += dp * md - 2.0 * dp * v[p * 3 + c];
+        }
+    }
+    e.max(0.0)
+}
+
+/// Splits a solution into the template's tone offset and the residual stage's weights.
+fn unpack(d: Option<&[f64]>, set: u8) -> (Option<Vec<f32>>, Vec<f32>) {
+    let Some(d) = d else {
+        return (None, Vec::new());
+    };
+    let tone = (set & 1 != 0).then(|| {
         let mut out = vec![0.0f32; LBINS * CK];
         for l in 0..LBINS {
             for c in 0..3 {
@@ -105,151 +526,74 @@ impl FitAcc {
                 }
             }
         }
-        Some(out)
-    }
+        out
+    });
+    let residual = if set & 6 != 0 {
+        (0..NF * 3).map(|i| d[TONE_P * 3 + i] as f32).collect()
+    } else {
+        Vec::new()
+    };
+    (tone, residual)
 }
 
-impl FitAcc {
-    /// Mean squared error per channel value on the sampled pixels once `offset` (solve's result,
-    /// or None) is added: how well the finished template reproduces its pairs.
-    /// Pixels sampled; 0 when every pair was left out (misregistered).
-    pub fn samples(&self) -> usize {
-        self.samples
-    }
-
-    pub fn mse_with(&self, offset: Option<&[f32]>) -> f64 {
-        let n = (3 * self.samples).max(1) as f64;
-        let Some(off) = offset else {
-            return (self.rr[0] + self.rr[1]) / n;
-        };
-        let mut d = vec![0.0f64; P * 3];
-        for l in 0..LBINS {
-            for c in 0..3 {
-                for k in 0..K {
-                    d[(l * K + k) * 3 + c] = off[(l * 3 + c) * K + k] as f64;
-                }
-            }
-        }
-        let e: f64 = (0..2)
-            .map(|f| val_error(&self.m[f], &self.v[f], self.rr[f], &d))
-            .sum();
-        e.max(0.0) / n
-    }
-}
-
-/// One fold's share of `FitAcc::add`; returns its sample count.
-#[allow(clippy::too_many_arguments)]
-fn accumulate(
-    fold: usize,
-    (ox, oy, ow, oh, s): (usize, usize, usize, usize, usize),
-    a: &Frame,
-    blurs: &Blurs,
-    after: &Frame,
-    pred: &Frame,
-    shift: (i64, i64),
-    m: &mut [f64],
-    v: &mut [f64],
-    rr: &mut f64,
-) -> usize {
-    let (w, n) = (a.width, a.width * a.height);
+/// One thread's share of `add_pair`: rows `rows`, into the tiles of tile rows from `tile_row0`.
+fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], tile_row0: usize) {
+    let (w, h) = (d.src.width, d.src.height);
+    let n = w * h;
+    let s = stride(w, h);
     let mut f = [0.0f32; K];
-    let mut count = 0;
-    for y in (oy..oy + oh).step_by(s) {
-        for x in (ox..ox + ow).step_by(s) {
-            if (y / BLOCK + x / BLOCK) % 2 != fold {
+    let mut phi = [0.0f32; NF];
+    let mut idx = [0usize; 2 * K + NF];
+    let mut val = [0.0f64; 2 * K + NF];
+    for y in rows.filter(|y| y % s == s / 2) {
+        let trow = y * TILES / h - tile_row0;
+        for x in (s / 2..w).step_by(s) {
+            let i = y * w + x;
+            if !d.mask[i] {
                 continue;
             }
-            let i = y * w + x;
-            let j = ((y as i64 + shift.1) as usize) * w + (x as i64 + shift.0) as usize;
-            let (_, (l0, w0, w1)) = pixel_at(a, blurs, i, &mut f);
-            count += 1;
-            let r: [f64; 3] =
-                std::array::from_fn(|c| (after.data[c * n + j] - pred.data[c * n + i]) as f64);
-            *rr += r.iter().map(|v| v * v).sum::<f64>();
-            // phi has 2K non-zeros: bins l0 and l0+1
-            let mut idx = [0usize; 2 * K];
-            let mut val = [0.0f64; 2 * K];
+            let t = &mut tiles[trow * TILES + x * TILES / w];
+            let (rgb, (l0, w0, w1)) = pixel_at(d.src, d.blurs, i, &mut f);
+            bank::features(d.src, d.blurs, d.planes, x, y, &mut phi);
             let mut nz = 0;
             for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
                 if l >= LBINS || wl == 0.0 {
                     continue;
                 }
                 for (k, fk) in f.iter().enumerate() {
-                    idx[nz] = l * K + k;
-                    val[nz] = (wl * fk) as f64;
+                    (idx[nz], val[nz]) = (l * K + k, (wl * fk) as f64);
                     nz += 1;
                 }
             }
-            for p in 0..nz {
-                let row = &mut m[idx[p] * P..(idx[p] + 1) * P];
-                for q in 0..nz {
-                    row[idx[q]] += val[p] * val[q];
-                }
-                for c in 0..3 {
-                    v[idx[p] * 3 + c] += val[p] * r[c];
-                }
+            for (j, p) in phi.iter().enumerate() {
+                (idx[nz], val[nz]) = (TONE_P + j, *p as f64);
+                nz += 1;
             }
+            let tgt: [f64; 3] = std::array::from_fn(|c| d.target.data[c * n + i] as f64);
+            let r = [
+                std::array::from_fn::<f64, 3, _>(|c| tgt[c] - d.pred.data[c * n + i] as f64),
+                std::array::from_fn::<f64, 3, _>(|c| tgt[c] - rgb[c] as f64),
+            ];
+            add_sample(t, &idx[..nz], &val[..nz], &r);
         }
     }
-    count
 }
 
-/// sum over the fold of |r - phi.d|^2, from its normal equations.
-fn val_error(m: &[f64], v: &[f64], rr: f64, d: &[f64]) -> f64 {
-    let mut e = rr;
-    for c in 0..3 {
-        let mut dv = 0.0;
-        let mut dmd = 0.0;
-        for p in 0..P {
-            dv += d[p * 3 + c] * v[p * 3 + c];
-            let mut md = 0.0;
-            for q in 0..P {
-                md += m[p * P + q] * d[q * 3 + c];
-            }
-            dmd += d[p * 3 + c] * md;
+#[inline]
+fn add_sample(t: &mut Normal, idx: &[usize], val: &[f64], r: &[[f64; 3]; 2]) {
+    t.n += 1;
+    for (a, (&ia, &va)) in idx.iter().zip(val).enumerate() {
+        let row = &mut t.m[ia * P..(ia + 1) * P];
+        for (&ib, &vb) in idx[a..].iter().zip(&val[a..]) {
+            row[ib] += va * vb;
         }
-        e += dmd - 2.0 * dv;
-    }
-    e
-}
-
-/// Solves (m + lam I) d = v for the three columns of v by Cholesky; hand-written because a
-/// 128 x 128 solve once per template does not justify a linear-algebra dependency.
-fn ridge(m: &[f64], v: &[f64], lam: f64) -> Option<Vec<f64>> {
-    let mut l = vec![0.0f64; P * P];
-    for i in 0..P {
-        for j in 0..=i {
-            let mut s = m[i * P + j] + if i == j { lam } else { 0.0 };
-            for k in 0..j {
-                s -= l[i * P + k] * l[j * P + k];
-            }
-            if i == j {
-                if s <= 0.0 {
-                    return None;
-                }
-                l[i * P + i] = s.sqrt();
-            } else {
-                l[i * P + j] = s / l[j * P + j];
+        for b in 0..2 {
+            for c in 0..3 {
+                t.v[b][ia * 3 + c] += va * r[b][c];
             }
         }
     }
-    let mut d = vec![0.0f64; P * 3];
-    for c in 0..3 {
-        let mut y = vec![0.0f64; P];
-        for i in 0..P {
-            let mut s = v[i * 3 + c];
-            for k in 0..i {
-                s -= l[i * P + k] * y[k];
-            }
-            y[i] = s / l[i * P + i];
-        }
-        for i in (0..P).rev() {
-            let mut s = y[i];
-            for k in i + 1..P {
-                s -= l[k * P + i] * d[k * 3 + c];
-            }
-            d[i * 3 + c] = s / l[i * P + i];
-        }
+    for b in 0..2 {
+        t.rr[b] += r[b].iter().map(|v| v * v).sum::<f64>();
     }
-    Some(d)
 }

@@ -1,9 +1,11 @@
 //! Learn and apply edit templates: H(A, A') -> template, G(template, B) -> B'.
 
 pub mod align;
+pub mod bank;
 pub mod card;
 pub mod filterbank;
 pub mod fit;
+mod learn;
 pub mod model;
 pub mod par;
 pub mod quality;
@@ -13,7 +15,7 @@ use std::path::Path;
 
 pub use model::{Models, Precision};
 
-use crate::store::Card;
+use crate::store::{Card, SourcePair, Template, TemplateName};
 use crate::{Error, Frame, Result};
 
 pub struct Engine {
@@ -24,8 +26,65 @@ pub struct Engine {
 /// A template as `learn` makes it, before it is named and stored.
 pub struct Learned {
     pub delta: Vec<f32>,
+    pub reverse_delta: Vec<f32>,
+    pub residual: Vec<f32>,
+    pub reverse_residual: Vec<f32>,
     pub card: Card,
     pub source_hist: Vec<f32>,
+    /// The quality histogram of the after image(s): what the undo's input looks like.
+    pub target_hist: Vec<f32>,
+}
+
+impl Learned {
+    /// The direction `apply` runs: the edit, or its undo.
+    pub fn edit(&self, reverse: bool) -> Edit<'_> {
+        if reverse {
+            Edit {
+                delta: &self.reverse_delta,
+                residual: &self.reverse_residual,
+                support: &self.target_hist,
+            }
+        } else {
+            Edit {
+                delta: &self.delta,
+                residual: &self.residual,
+                support: &self.source_hist,
+            }
+        }
+    }
+
+    /// The template to store: the one place a learned template gets its name and sources.
+    pub fn into_template(
+        self,
+        name: TemplateName,
+        model_hash: String,
+        created_unix: u64,
+        sources: Vec<SourcePair>,
+    ) -> Template {
+        Template {
+            name,
+            model_hash,
+            created_unix,
+            sources,
+            card: self.card,
+            delta: self.delta,
+            reverse_delta: self.reverse_delta,
+            residual: self.residual,
+            reverse_residual: self.reverse_residual,
+            source_hist: self.source_hist,
+            target_hist: self.target_hist,
+        }
+    }
+}
+
+/// One direction of a template: G's LoRA vector, then the residual stage (bank.rs; empty for
+/// none), faded out where the capture's tones and colours lie outside `support`, the quality
+/// histogram of the images the direction was learned on (empty: everywhere in full).
+#[derive(Clone, Copy)]
+pub struct Edit<'a> {
+    pub delta: &'a [f32],
+    pub residual: &'a [f32],
+    pub support: &'a [f32],
 }
 
 impl Engine {
@@ -68,21 +127,41 @@ impl Engine {
         self.models.backbone(thumb, delta)
     }
 
-    fn apply_with(&self, delta: &[f32], frame: &Frame, blurs: &filterbank::Blurs) -> Result<Frame> {
-        let grid = self.grid(delta, &filterbank::thumbnail(frame))?;
-        Ok(slice::apply(frame, blurs, &grid, self.threads))
+    /// B' = G(delta, B) + residual(B): one direction of a template.
+    pub fn apply_edit(&self, edit: Edit, frame: &Frame) -> Result<Frame> {
+        self.check(frame)?;
+        if !edit.residual.is_empty() && edit.residual.len() != bank::NF * 3 {
+            return Err(Error::Invalid(format!(
+                "the residual stage has {} values, expected {}",
+                edit.residual.len(),
+                bank::NF * 3
+            )));
+        }
+        let blurs = filterbank::blurs(frame, self.threads);
+        let grid = self.grid(edit.delta, &filterbank::thumbnail(frame))?;
+        let mut out = slice::apply(frame, &blurs, &grid, self.threads);
+        bank::apply(&mut out, frame, &blurs, edit.residual, self.threads);
+        fade_unsupported(&mut out, frame, edit.support);
+        Ok(out)
     }
 
-    /// B' = G(delta, B), or G(-delta, B) to undo the edit.
+    /// B' = G(delta, B), or G(-delta, B) to undo the edit: a LoRA vector alone.
     pub fn apply(&self, delta: &[f32], frame: &Frame, reverse: bool) -> Result<Frame> {
-        self.check(frame)?;
-        let blurs = filterbank::blurs(frame, self.threads);
-        if reverse {
-            let neg: Vec<f32> = delta.iter().map(|v| -v).collect();
-            self.apply_with(&neg, frame, &blurs)
+        let neg: Vec<f32>;
+        let delta = if reverse {
+            neg = delta.iter().map(|v| -v).collect();
+            &neg
         } else {
-            self.apply_with(delta, frame, &blurs)
-        }
+            delta
+        };
+        self.apply_edit(
+            Edit {
+                delta,
+                residual: &[],
+                support: &[],
+            },
+            frame,
+        )
     }
 
     /// Quality-gate score of a capture against a template's source histogram (see quality.rs).
@@ -92,106 +171,24 @@ impl Engine {
             &quality::histogram(&filterbank::thumbnail(frame)),
         )
     }
+}
 
-    /// Template from one or more (before, after) pairs of the same edit.
-    pub fn learn(&self, pairs: &[(Frame, Frame)]) -> Result<Learned> {
-        if pairs.is_empty() {
-            return Err(Error::Invalid(
-                "learn needs at least one before/after pair".into(),
-            ));
-        }
-        let t0 = std::time::Instant::now();
-        let lap = |what: &str| {
-            tracing::debug!(
-                "learn: {what} at {:.1} ms",
-                t0.elapsed().as_secs_f64() * 1e3
-            )
-        };
-        let mut delta = vec![0.0f32; self.models.template_len];
-        let mut thumbs = Vec::with_capacity(pairs.len());
-        for (a, a2) in pairs {
-            self.check(a)?;
-            self.check(a2)?;
-            if (a.width, a.height) != (a2.width, a2.height) {
-                return Err(Error::Invalid("before and after differ in size".into()));
-            }
-            let (ta, ta2) = (filterbank::thumbnail(a), filterbank::thumbnail(a2));
-            let t = self.models.hypernet([
-                &ta,
-                &ta2,
-                &filterbank::centre_patch(a),
-                &filterbank::centre_patch(a2),
-            ])?;
-            for (d, v) in delta.iter_mut().zip(&t) {
-                *d += v / pairs.len() as f32;
-            }
-            thumbs.push(ta);
-        }
-        lap("hypernetwork");
-        // closed-form refinement on the aligned pairs
-        let mut acc = fit::FitAcc::default();
-        for ((a, a2), ta) in pairs.iter().zip(&thumbs) {
-            let shift = align::align(a, a2);
-            let moved = align::misregistered(a, a2, shift);
-            lap("align");
-            if moved {
-                continue;
-            }
-            let blurs = filterbank::blurs(a, self.threads);
-            lap("blurs");
-            let grid = self.grid(&delta, ta)?;
-            let pred = slice::apply(a, &blurs, &grid, self.threads);
-            lap("G(template, A)");
-            acc.add(a, &blurs, a2, &pred, shift);
-            lap("fit accumulate");
-        }
-        let offset = acc.solve();
-        // 0 = not measured: a misregistered pair has no pixel-wise reproduction error
-        let self_psnr = if acc.samples() == 0 {
-            0.0
-        } else {
-            (10.0 * (1.0 / acc.mse_with(offset.as_deref()).max(1e-12)).log10()) as f32
-        };
-        lap("fit solve");
-        if let Some(off) = &offset {
-            let at = self.models.offset_at;
-            for (d, o) in delta[at..at + off.len()].iter_mut().zip(off) {
-                *d += o;
+/// out = B + support(B) * (out - B), per pixel: where the pair never showed a tone or colour
+/// like this pixel's, nothing it taught applies, so the capture is left as it is there rather
+/// than extrapolated ("never worse than doing nothing").
+fn fade_unsupported(out: &mut Frame, src: &Frame, hist: &[f32]) {
+    if hist.len() != quality::HIST {
+        return;
+    }
+    let n = src.width * src.height;
+    for i in 0..n {
+        let (r, g, b) = (src.data[i], src.data[n + i], src.data[2 * n + i]);
+        let a = quality::support(hist, r, g, b);
+        if a < 1.0 {
+            for c in 0..3 {
+                let x = src.data[c * n + i];
+                out.data[c * n + i] = x + a * (out.data[c * n + i] - x);
             }
         }
-        // the card, averaged over the pairs
-        let mut ch = card::Change::default();
-        let mut hist = vec![0.0f32; quality::HIST];
-        let np = pairs.len() as f32;
-        for ((a, a2), ta) in pairs.iter().zip(&thumbs) {
-            let c = card::change(
-                &card::stats(a, self.threads),
-                &card::stats(a2, self.threads),
-            );
-            ch.exposure_ev += c.exposure_ev / np;
-            ch.wb_shift[0] += c.wb_shift[0] / np;
-            ch.wb_shift[1] += c.wb_shift[1] / np;
-            ch.contrast += c.contrast / np;
-            ch.saturation += c.saturation / np;
-            ch.sharpness += c.sharpness / np;
-            for (hv, v) in hist.iter_mut().zip(quality::histogram(ta)) {
-                *hv += v / np;
-            }
-        }
-        lap("card");
-        Ok(Learned {
-            delta,
-            card: Card {
-                exposure_ev: ch.exposure_ev,
-                wb_shift: ch.wb_shift,
-                contrast: ch.contrast,
-                saturation: ch.saturation,
-                sharpness: ch.sharpness,
-                self_psnr_db: self_psnr.min(99.0),
-                pairs: pairs.len() as u32,
-                fit_used: offset.is_some(),
-            },
-            source_hist: hist,
-        })
     }
 }

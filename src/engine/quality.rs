@@ -12,33 +12,52 @@ pub const HIST: usize = LBINS * (HUES + 1);
 /// Chroma (opponent magnitude) at which a pixel counts as fully coloured.
 const CHROMA_FULL: f32 = 0.1;
 
+/// Calls `add(cell, weight)` for the histogram cells a pixel falls in: its two nearest
+/// luminance bins, shared between the hue sectors by chroma direction and the neutral cell.
+#[inline]
+fn cells(r: f32, g: f32, b: f32, mut add: impl FnMut(usize, f32)) {
+    let mut hf = [0.0f32; HUES];
+    hue_features(r, g, b, &mut hf);
+    let oa = r - 0.5 * (g + b);
+    let ob = 0.866_025_4 * (g - b);
+    let colour = ((oa * oa + ob * ob).sqrt() / CHROMA_FULL).min(1.0);
+    let total: f32 = hf.iter().sum::<f32>() + 1e-6;
+    let (l0, w0, w1) = lum_bins(luminance(r, g, b));
+    for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
+        if l >= LBINS {
+            continue;
+        }
+        for (s, h) in hf.iter().enumerate() {
+            add(l * (HUES + 1) + s, wl * colour * h / total);
+        }
+        add(l * (HUES + 1) + HUES, wl * (1.0 - colour));
+    }
+}
+
 /// Histogram of a `[3][THUMB][THUMB]` thumbnail, normalised to sum 1.
 pub fn histogram(thumb: &[f32]) -> Vec<f32> {
     let n = THUMB * THUMB;
     let mut h = vec![0.0f32; HIST];
-    let mut hf = [0.0f32; HUES];
     for i in 0..n {
-        let (r, g, b) = (thumb[i], thumb[n + i], thumb[2 * n + i]);
-        hue_features(r, g, b, &mut hf);
-        let oa = r - 0.5 * (g + b);
-        let ob = 0.866_025_4 * (g - b);
-        let colour = ((oa * oa + ob * ob).sqrt() / CHROMA_FULL).min(1.0);
-        let total: f32 = hf.iter().sum::<f32>() + 1e-6;
-        let (l0, w0, w1) = lum_bins(luminance(r, g, b));
-        for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
-            if l >= LBINS {
-                continue;
-            }
-            let row = &mut h[l * (HUES + 1)..(l + 1) * (HUES + 1)];
-            for s in 0..HUES {
-                row[s] += wl * colour * hf[s] / total;
-            }
-            row[HUES] += wl * (1.0 - colour);
-        }
+        cells(thumb[i], thumb[n + i], thumb[2 * n + i], |c, w| h[c] += w);
     }
     let s: f32 = h.iter().sum::<f32>().max(1e-6);
     h.iter_mut().for_each(|v| *v /= s);
     h
+}
+
+/// A cell holding this share of the source's pixels is fully trusted.
+const SUPPORT_FULL: f32 = 0.005;
+
+/// How well the source histogram covers a pixel's tone and colour: 1 where the pair showed
+/// enough pixels like it, falling to 0 where it showed none.
+#[inline]
+pub fn support(hist: &[f32], r: f32, g: f32, b: f32) -> f32 {
+    let mut s = 0.0f32;
+    cells(r, g, b, |c, w| {
+        s += w * hist.get(c).map_or(1.0, |h| (h / SUPPORT_FULL).min(1.0))
+    });
+    s.clamp(0.0, 1.0)
 }
 
 /// Total-variation distance between two histograms, in [0, 1].

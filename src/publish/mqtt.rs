@@ -243,7 +243,26 @@ pub struct StatusMessage {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
     pub topic: String,
+    /// Empty when the message was over `max_packet_bytes`: it was dropped, see `size`.
     pub payload: Vec<u8>,
+    /// The payload's size as it arrived.
+    pub size: usize,
+}
+
+impl Incoming {
+    pub fn new(topic: String, payload: Vec<u8>) -> Self {
+        let size = payload.len();
+        Incoming {
+            topic,
+            payload,
+            size,
+        }
+    }
+
+    /// Whether the link dropped the payload for being over `max_packet_bytes`.
+    pub fn oversized(&self) -> bool {
+        self.payload.len() < self.size
+    }
 }
 
 /// Counters since `start`.
@@ -255,6 +274,8 @@ pub struct LinkStats {
     pub acked: u64,
     /// Incoming messages dropped because the consumer was not keeping up.
     pub dropped_incoming: u64,
+    /// Incoming messages over `max_packet_bytes`, passed on without their payload.
+    pub oversized_incoming: u64,
     /// Successful connections after the first.
     pub reconnects: u64,
     /// Outbox entries dropped unsent because they can never be sent (too large, bad topic).
@@ -280,6 +301,7 @@ struct Shared {
     sent: AtomicU64,
     acked: AtomicU64,
     dropped_incoming: AtomicU64,
+    oversized_incoming: AtomicU64,
     reconnects: AtomicU64,
     discarded: AtomicU64,
     /// Wakes the sender: new entry, PUBACK (window space) or CONNACK.
@@ -345,6 +367,7 @@ impl MqttLink {
             tx,
             cfg.birth.clone(),
             Duration::from_secs(cfg.ack_timeout_s),
+            cfg.max_packet_bytes,
         ));
         let sender = runtime.spawn(send_outbox(
             client.clone(),
@@ -442,6 +465,7 @@ impl MqttLink {
             sent: s.sent.load(Ordering::Relaxed),
             acked: s.acked.load(Ordering::Relaxed),
             dropped_incoming: s.dropped_incoming.load(Ordering::Relaxed),
+            oversized_incoming: s.oversized_incoming.load(Ordering::Relaxed),
             reconnects: s.reconnects.load(Ordering::Relaxed),
             discarded: s.discarded.load(Ordering::Relaxed),
         }
@@ -498,7 +522,9 @@ fn mqtt_options(cfg: &MqttConfig) -> Result<MqttOptions, LinkError> {
     o.set_keep_alive(Duration::from_secs(cfg.keep_alive_s.into()));
     // Persistent session: clean_session=true lost QoS 1 messages across reconnects here.
     o.set_clean_session(false);
-    o.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
+    // rumqttc drops the connection on an incoming packet over its limit, and the broker then
+    // redelivers it after every reconnect: decode any size MQTT allows, and drop it in `drive`.
+    o.set_max_packet_size(MQTT_MAX_PACKET, cfg.max_packet_bytes);
     // rumqttc's packet-id space; larger than our window so ids are rarely near reuse.
     o.set_inflight(cfg.inflight.saturating_mul(2).max(100));
     if let Some(user) = &cfg.username {
@@ -581,6 +607,7 @@ async fn drive(
     tx: mpsc::Sender<Incoming>,
     birth: Option<StatusMessage>,
     ack_timeout: Duration,
+    max_incoming: usize,
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut ever_connected = false;
@@ -596,9 +623,16 @@ async fn drive(
                 on_connack(&mut el, &sh, ack.session_present, birth.as_ref());
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let msg = Incoming {
-                    topic: p.topic,
-                    payload: Vec::from(p.payload),
+                let msg = if p.payload.len() > max_incoming {
+                    sh.oversized_incoming.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic = %p.topic, bytes = p.payload.len(), "mqtt: oversized message dropped");
+                    Incoming {
+                        topic: p.topic,
+                        payload: Vec::new(),
+                        size: p.payload.len(),
+                    }
+                } else {
+                    Incoming::new(p.topic, Vec::from(p.payload))
                 };
                 // Never wait for the consumer: that would stall acks and pings.
                 if tx.try_send(msg).is_err() {

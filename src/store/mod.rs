@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use name::{MAX_NAME_LEN, TemplateName};
 pub use template::{
-    CHECKSUM_LEN, Card, FORMAT_VERSION, SourcePair, THUMB_BYTES, THUMB_SIDE, Template,
+    CHECKSUM_LEN, Card, FORMAT_VERSION, PairRegistration, PartGains, SourcePair, THUMB_BYTES,
+    THUMB_SIDE, Template,
 };
 
 /// Extension of template files.

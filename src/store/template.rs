@@ -1,6 +1,6 @@
 //! Templates and their file format.
 //!
-//! # File format (version 1)
+//! # File format (version 2; version 1 files are still read)
 //!
 //! A template file is
 //!
@@ -15,10 +15,16 @@
 //! | tensor        | dtype | shape                         | content                                  |
 //! |---------------|-------|-------------------------------|------------------------------------------|
 //! | `delta`       | F32   | `[n]`                         | the LoRA template vector                 |
+//! | `reverse_delta` | F32 | `[n]`                         | the vector that undoes the edit (v2)     |
+//! | `residual`    | F32   | `[0]` or `[39 * 3]`           | the residual stage after G (v2)          |
+//! | `reverse_residual` | F32 | `[0]` or `[39 * 3]`        | the residual stage of the undo (v2)      |
+//! | `target_hist` | F32   | `[m]`                         | colour histogram of the after image (v2) |
 //! | `source_hist` | F32   | `[m]`                         | colour histogram of the source image     |
 //! | `thumbs`      | U8    | `[pairs, 2, 64, 64, 3]`       | before/after RGB8 thumbnails of each pair |
 //!
 //! `thumbs` is present even when `pairs` is 0 (zero bytes of data then).
+//! A version 1 file has only `delta`, `source_hist` and `thumbs`; it reads as
+//! `reverse_delta = -delta` and no residual stage.
 //! The header's `__metadata__` has one key, `takumi`, whose value is a JSON
 //! string of `{format_version, name, model_hash, created_unix, sources, card}`
 //! (unknown fields are refused). `sources` lists the pairs in the same order
@@ -38,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{StoreError, TemplateName};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build still reads.
+pub const OLDEST_VERSION: u32 = 1;
 
 /// Side of the square before/after thumbnails, in pixels.
 pub const THUMB_SIDE: usize = 64;
@@ -51,6 +59,10 @@ pub const CHECKSUM_LEN: usize = 32;
 
 const META_KEY: &str = "takumi";
 const T_DELTA: &str = "delta";
+const T_REV_DELTA: &str = "reverse_delta";
+const T_RESIDUAL: &str = "residual";
+const T_REV_RESIDUAL: &str = "reverse_residual";
+const T_TARGET_HIST: &str = "target_hist";
 const T_HIST: &str = "source_hist";
 const T_THUMBS: &str = "thumbs";
 
@@ -65,6 +77,42 @@ pub struct Card {
     pub self_psnr_db: f32,
     pub pairs: u32,
     pub fit_used: bool,
+    /// Validated gain of the forward template over doing nothing, in dB (held-out regions
+    /// and pairs); None when no pair registered, so nothing could be validated.
+    #[serde(default)]
+    pub validated_gain_db: Option<f32>,
+    /// The same for the undo (`apply --reverse`).
+    #[serde(default)]
+    pub reverse_gain_db: Option<f32>,
+    /// What each kept part adds to the forward gain; 0 for a part left out.
+    #[serde(default)]
+    pub part_gains_db: PartGains,
+    /// With several pairs: mean PSNR on each pair of a fit made on the others.
+    #[serde(default)]
+    pub heldout_pair_psnr_db: Option<f32>,
+    /// How each pair registered, in order.
+    #[serde(default)]
+    pub registration: Vec<PairRegistration>,
+}
+
+/// Validated gain of each part of a template, in dB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartGains {
+    pub hypernet: f32,
+    pub tone: f32,
+    pub bank: f32,
+    pub position: f32,
+}
+
+/// The similarity that maps a pair's before onto its after (see engine::align).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairRegistration {
+    pub registered: bool,
+    pub dx: f32,
+    pub dy: f32,
+    pub angle_deg: f32,
+    pub scale: f32,
+    pub residual_px: f32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,8 +140,15 @@ pub struct Template {
     pub card: Card,
     /// The LoRA template vector.
     pub delta: Vec<f32>,
+    /// The LoRA vector of the undo (the negated hypernetwork part plus its own fit).
+    pub reverse_delta: Vec<f32>,
+    /// The residual stage after G, `NF x 3` or empty (engine::bank).
+    pub residual: Vec<f32>,
+    pub reverse_residual: Vec<f32>,
     /// The source image's colour histogram, used by the quality gate.
     pub source_hist: Vec<f32>,
+    /// The after image's colour histogram: the undo's support (empty in version 1 files).
+    pub target_hist: Vec<f32>,
 }
 
 #[derive(Serialize)]
@@ -157,6 +212,13 @@ fn invalid(reason: impl Into<String>) -> StoreError {
     }
 }
 
+/// Length of a residual stage's weights: features x output channels.
+pub const RESIDUAL_LEN: usize = crate::engine::bank::NF * 3;
+
+fn residual_len_ok(v: &[f32]) -> bool {
+    v.is_empty() || v.len() == RESIDUAL_LEN
+}
+
 fn first_non_finite(v: &[f32]) -> Option<usize> {
     v.iter().position(|x| !x.is_finite())
 }
@@ -166,9 +228,47 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 impl Card {
+    /// One line: what validated, or why nothing could be.
+    pub fn validation_summary(&self) -> String {
+        match self.validated_gain_db {
+            None => "not validated (no pair registered): the hypernetwork's template alone".into(),
+            Some(g) if !self.fit_used && self.part_gains_db.hypernet == 0.0 => format!(
+                "identity: nothing validated better than leaving captures alone ({g:+.2} dB)"
+            ),
+            Some(g) => {
+                let held = self
+                    .heldout_pair_psnr_db
+                    .map(|p| format!(", held-out pair {p:.2} dB"))
+                    .unwrap_or_default();
+                format!(
+                    "validated gain {g:+.2} dB over doing nothing (fit {:.2} dB{held})",
+                    self.self_psnr_db
+                )
+            }
+        }
+    }
+
     /// Name of the first field that is NaN or infinite.
     fn non_finite_field(&self) -> Option<&'static str> {
+        let g = &self.part_gains_db;
+        let opt = |v: Option<f32>| v.unwrap_or(0.0);
+        let regs = self.registration.iter().flat_map(|r| {
+            [
+                ("registration.dx", r.dx),
+                ("registration.dy", r.dy),
+                ("registration.angle_deg", r.angle_deg),
+                ("registration.scale", r.scale),
+                ("registration.residual_px", r.residual_px),
+            ]
+        });
         [
+            ("validated_gain_db", opt(self.validated_gain_db)),
+            ("reverse_gain_db", opt(self.reverse_gain_db)),
+            ("heldout_pair_psnr_db", opt(self.heldout_pair_psnr_db)),
+            ("part_gains_db.hypernet", g.hypernet),
+            ("part_gains_db.tone", g.tone),
+            ("part_gains_db.bank", g.bank),
+            ("part_gains_db.position", g.position),
             ("exposure_ev", self.exposure_ev),
             ("wb_shift[0]", self.wb_shift[0]),
             ("wb_shift[1]", self.wb_shift[1]),
@@ -178,6 +278,7 @@ impl Card {
             ("self_psnr_db", self.self_psnr_db),
         ]
         .into_iter()
+        .chain(regs)
         .find(|(_, v)| !v.is_finite())
         .map(|(n, _)| n)
     }
@@ -187,9 +288,19 @@ impl Template {
     /// Checks what the file format cannot represent or a reader would refuse,
     /// so a bad template is refused at save time rather than at load time.
     pub fn validate(&self) -> Result<(), StoreError> {
-        if let Some(i) = first_non_finite(&self.delta) {
+        for (name, v) in self.vectors() {
+            if let Some(i) = first_non_finite(v) {
+                return Err(invalid(format!(
+                    "value {i} of the template's {name} is not a finite number"
+                )));
+            }
+        }
+        if self.reverse_delta.len() != self.delta.len() {
+            return Err(invalid("delta and reverse_delta differ in length"));
+        }
+        if !residual_len_ok(&self.residual) || !residual_len_ok(&self.reverse_residual) {
             return Err(invalid(format!(
-                "value {i} of the template vector (delta) is not a finite number"
+                "a residual stage must have 0 or {RESIDUAL_LEN} values"
             )));
         }
         if let Some(i) = first_non_finite(&self.source_hist) {
@@ -234,15 +345,17 @@ impl Template {
             thumbs.extend_from_slice(&s.thumb_before);
             thumbs.extend_from_slice(&s.thumb_after);
         }
+        let floats = |v: &[f32]| Raw {
+            dtype: Dtype::F32,
+            shape: vec![v.len()],
+            data: f32_bytes(v),
+        };
         let tensors = [
-            (
-                T_DELTA,
-                Raw {
-                    dtype: Dtype::F32,
-                    shape: vec![self.delta.len()],
-                    data: f32_bytes(&self.delta),
-                },
-            ),
+            (T_DELTA, floats(&self.delta)),
+            (T_REV_DELTA, floats(&self.reverse_delta)),
+            (T_RESIDUAL, floats(&self.residual)),
+            (T_REV_RESIDUAL, floats(&self.reverse_residual)),
+            (T_TARGET_HIST, floats(&self.target_hist)),
             (
                 T_HIST,
                 Raw {
@@ -304,25 +417,36 @@ impl Template {
         .ok_or_else(|| decode_err("the file has no takumi header; it is not a takumi template"))?;
         let probe: VersionProbe = serde_json::from_str(header)
             .map_err(|e| decode_err(format!("the takumi header is unreadable: {e}")))?;
-        match probe.format_version {
-            Some(FORMAT_VERSION) => {}
+        let version = match probe.format_version {
+            Some(v @ OLDEST_VERSION..=FORMAT_VERSION) => v,
             Some(found) => return Err(StoreError::Version { found }),
             None => return Err(decode_err("the takumi header has no format_version")),
-        }
+        };
         let header: HeaderIn = serde_json::from_str(header)
             .map_err(|e| decode_err(format!("the takumi header is invalid: {e}")))?;
-        if header.format_version != FORMAT_VERSION {
-            return Err(StoreError::Version {
-                found: header.format_version,
-            });
+        if header.format_version != version {
+            return Err(decode_err("the takumi header's format_version changed"));
         }
 
         let mut names = meta.offset_keys();
         names.sort();
-        if names != [T_DELTA, T_HIST, T_THUMBS] {
+        let mut want = if version == 1 {
+            vec![T_DELTA, T_HIST, T_THUMBS]
+        } else {
+            vec![
+                T_DELTA,
+                T_REV_DELTA,
+                T_RESIDUAL,
+                T_REV_RESIDUAL,
+                T_TARGET_HIST,
+                T_HIST,
+                T_THUMBS,
+            ]
+        };
+        want.sort();
+        if names != want {
             return Err(decode_err(format!(
-                "the file holds tensors {names:?}, expected {:?}",
-                [T_DELTA, T_HIST, T_THUMBS]
+                "the file holds tensors {names:?}, expected {want:?}"
             )));
         }
         let tensor = |name: &str, dtype: Dtype| -> Result<(&[usize], &[u8]), StoreError> {
@@ -362,6 +486,25 @@ impl Template {
         };
         let delta = floats(T_DELTA, "template vector (delta)")?;
         let source_hist = floats(T_HIST, "source histogram")?;
+        let (reverse_delta, residual, reverse_residual, target_hist) = if version == 1 {
+            let neg = delta.iter().map(|v| -v).collect();
+            (neg, Vec::new(), Vec::new(), Vec::new())
+        } else {
+            (
+                floats(T_REV_DELTA, "reverse template vector")?,
+                floats(T_RESIDUAL, "residual stage")?,
+                floats(T_REV_RESIDUAL, "reverse residual stage")?,
+                floats(T_TARGET_HIST, "target histogram")?,
+            )
+        };
+        if reverse_delta.len() != delta.len() {
+            return Err(decode_err("delta and reverse_delta differ in length"));
+        }
+        if !residual_len_ok(&residual) || !residual_len_ok(&reverse_residual) {
+            return Err(decode_err(format!(
+                "a residual stage must have 0 or {RESIDUAL_LEN} values"
+            )));
+        }
 
         let mut sources = header.sources;
         let (shape, thumbs) = tensor(T_THUMBS, Dtype::U8)?;
@@ -401,8 +544,40 @@ impl Template {
             sources,
             card: header.card,
             delta,
+            reverse_delta,
+            residual,
+            reverse_residual,
             source_hist,
+            target_hist,
         })
+    }
+
+    /// The direction `apply` runs: the edit, or its undo.
+    pub fn edit(&self, reverse: bool) -> crate::engine::Edit<'_> {
+        let (delta, residual, support) = if reverse {
+            (
+                &self.reverse_delta,
+                &self.reverse_residual,
+                &self.target_hist,
+            )
+        } else {
+            (&self.delta, &self.residual, &self.source_hist)
+        };
+        crate::engine::Edit {
+            delta,
+            residual,
+            support,
+        }
+    }
+
+    fn vectors(&self) -> [(&'static str, &[f32]); 5] {
+        [
+            ("target histogram", &self.target_hist),
+            ("template vector (delta)", &self.delta),
+            ("reverse template vector", &self.reverse_delta),
+            ("residual stage", &self.residual),
+            ("reverse residual stage", &self.reverse_residual),
+        ]
     }
 }
 

@@ -1,0 +1,160 @@
+//! The residual stage: a closed-form linear map, stored in the template, that runs after G on
+//! features G's grid cannot express: more blur scales (detail layers are their differences
+//! with the colour) and smooth position terms for vignette and lens shading.
+//! out_c = G(delta, x)_c + sum_j w[j][c] * phi_j(x).
+//!
+//! Feature order (`NF` = 39): colour (3), blurs at sigma 1, 1.5, 2.5, 6, 12 (3 each), a bias,
+//! then position: u, v, r2, r2^2, r2^3, and each of u, v, r2, r2^2, r2^3 times the colour
+//! (u, v in [-1, 1] across the frame; r2 = (u^2 + v^2) / 2, 1 in the corners).
+
+use super::filterbank::{Blurs, blur_plane, gauss_kernel};
+use super::par;
+use crate::Frame;
+
+pub const NF: usize = 39;
+/// Feature indices of the bank group (colour, blurs, bias) and of the position group.
+pub const BANK: std::ops::Range<usize> = 0..19;
+pub const POSITION: std::ops::Range<usize> = 19..NF;
+const BIAS: usize = 18;
+/// Blurs the residual stage adds to G's (sigma 1.5 and 6); sigma 12 runs at quarter resolution.
+const SIGMA_FINE: f32 = 1.0;
+const SIGMA_MID: f32 = 2.5;
+const SIGMA_WIDE: f32 = 12.0;
+const WIDE_STEP: usize = 4;
+
+/// The extra blurred planes of one frame, `[sigma 1, 2.5, 12][channel]`; empty when the
+/// residual's bank group is all zero (nothing to compute).
+pub struct Planes {
+    blurs: Vec<[Vec<f32>; 3]>,
+}
+
+/// Whether weights `w` (`NF x 3`, feature-major) use any feature of `range`.
+pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
+    w.len() == NF * 3
+        && range
+            .clone()
+            .any(|j| w[3 * j..3 * j + 3].iter().any(|&v| v != 0.0))
+}
+
+pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
+    if !need_blurs {
+        return Planes { blurs: Vec::new() };
+    }
+    let (w, h) = (f.width, f.height);
+    let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
+    let per = |k: &[f32]| std::array::from_fn(|c| blur_plane(f.plane(c), w, h, k, threads));
+    let wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
+    Planes {
+        blurs: vec![per(&k1), per(&k2), wide],
+    }
+}
+
+/// A sigma-12 gaussian as a box-downsample by 4, a sigma-3 blur and a bilinear upsample:
+/// 16x fewer taps than at full resolution, and the result is smooth either way.
+fn wide_blur(p: &[f32], w: usize, h: usize, threads: usize) -> Vec<f32> {
+    let (ws, hs) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
+    let mut small = vec![0.0f32; ws * hs];
+    for ys in 0..hs {
+        for xs in 0..ws {
+            let (y0, x0) = (ys * WIDE_STEP, xs * WIDE_STEP);
+            let (y1, x1) = ((y0 + WIDE_STEP).min(h), (x0 + WIDE_STEP).min(w));
+            let mut s = 0.0f32;
+            for y in y0..y1 {
+                s += p[y * w + x0..y * w + x1].iter().sum::<f32>();
+            }
+            small[ys * ws + xs] = s / ((y1 - y0) * (x1 - x0)) as f32;
+        }
+    }
+    let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
+    let small = blur_plane(&small, ws, hs, &k, 1);
+    let mut out = vec![0.0f32; w * h];
+    let src = |d: usize, n: usize| {
+        let s = ((d as f32 + 0.5) / WIDE_STEP as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+        let i0 = s as usize;
+        (i0, (i0 + 1).min(n - 1), s - i0 as f32)
+    };
+    let xs: Vec<_> = (0..w).map(|x| src(x, ws)).collect();
+    par::rows(&mut out, w, threads, |y0, band| {
+        for (dy, row) in band.chunks_mut(w).enumerate() {
+            let (a, b, fy) = src(y0 + dy, hs);
+            let (ra, rb) = (&small[a * ws..(a + 1) * ws], &small[b * ws..(b + 1) * ws]);
+            for (o, &(i0, i1, fx)) in row.iter_mut().zip(&xs) {
+                let top = ra[i0] + fx * (ra[i1] - ra[i0]);
+                let bot = rb[i0] + fx * (rb[i1] - rb[i0]);
+                *o = top + fy * (bot - top);
+            }
+        }
+    });
+    out
+}
+
+/// Normalised position of column x / row y: -1 at the first, +1 at the last.
+#[inline]
+fn coord(i: usize, n: usize) -> f32 {
+    if n > 1 {
+        2.0 * i as f32 / (n - 1) as f32 - 1.0
+    } else {
+        0.0
+    }
+}
+
+/// All `NF` features of pixel (x, y). Blur features are 0 when `planes` holds none.
+#[inline]
+pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: &mut [f32; NF]) {
+    let (w, n) = (f.width, f.width * f.height);
+    let i = y * w + x;
+    let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
+    out[..19].fill(0.0);
+    out[..3].copy_from_slice(&rgb);
+    for c in 0..3 {
+        out[6 + c] = g.planes[0][c][i];
+        out[12 + c] = g.planes[1][c][i];
+    }
+    if let [b1, b25, b12] = planes.blurs.as_slice() {
+        for c in 0..3 {
+            out[3 + c] = b1[c][i];
+            out[9 + c] = b25[c][i];
+            out[15 + c] = b12[c][i];
+        }
+    }
+    out[BIAS] = 1.0;
+    let (u, v) = (coord(x, f.width), coord(y, f.height));
+    let r2 = 0.5 * (u * u + v * v);
+    let pos = [u, v, r2, r2 * r2, r2 * r2 * r2];
+    out[19..24].copy_from_slice(&pos);
+    for (k, p) in pos.iter().enumerate() {
+        for c in 0..3 {
+            out[24 + 3 * k + c] = p * rgb[c];
+        }
+    }
+}
+
+/// Adds the residual stage to `out` (G's result on `src`), in place. `w` is `NF x 3`.
+pub fn apply(out: &mut Frame, src: &Frame, g: &Blurs, w: &[f32], threads: usize) {
+    if w.len() != NF * 3 || w.iter().all(|&v| v == 0.0) {
+        return;
+    }
+    let planes = planes(
+        src,
+        uses(w, 3..6) || uses(w, 9..12) || uses(w, 15..18),
+        threads,
+    );
+    let (width, n) = (src.width, src.width * src.height);
+    let mut delta = vec![0.0f32; 3 * n];
+    par::rows(&mut delta, 3 * width, threads, |y0, band| {
+        let mut phi = [0.0f32; NF];
+        for (dy, row) in band.chunks_mut(3 * width).enumerate() {
+            for x in 0..width {
+                features(src, g, &planes, x, y0 + dy, &mut phi);
+                for c in 0..3 {
+                    row[3 * x + c] = (0..NF).map(|j| w[3 * j + c] * phi[j]).sum();
+                }
+            }
+        }
+    });
+    for i in 0..n {
+        for c in 0..3 {
+            out.data[c * n + i] += delta[3 * i + c];
+        }
+    }
+}

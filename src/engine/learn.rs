@@ -1,0 +1,242 @@
+//! `learn`: a template from one or more (before, after) pairs of the same edit.
+//! 1. H(A, A') gives the LoRA template (averaged over the pairs);
+//! 2. each pair is registered (a similarity: shift, rotation, scale) and A' warped onto A;
+//! 3. the closed-form parts are fitted and validated on the overlap (fit.rs), once per
+//!    direction: A -> A' for the edit, A' -> A for its undo;
+//! 4. the card says what the change does, how each pair registered and what validated.
+
+use super::align::{self, Registration, Similarity};
+use super::fit::{self, Base, Selection};
+use super::{Engine, Learned, bank, card, filterbank, quality, slice};
+use crate::store::{Card, PairRegistration, PartGains};
+use crate::{Error, Frame, Result};
+
+impl Engine {
+    pub fn learn(&self, pairs: &[(Frame, Frame)]) -> Result<Learned> {
+        if pairs.is_empty() {
+            return Err(Error::Invalid(
+                "learn needs at least one before/after pair".into(),
+            ));
+        }
+        for (a, a2) in pairs {
+            self.check(a)?;
+            self.check(a2)?;
+            if (a.width, a.height) != (a2.width, a2.height) {
+                return Err(Error::Invalid("before and after differ in size".into()));
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let lap = |what: &str| {
+            tracing::debug!(
+                "learn: {what} at {:.1} ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            )
+        };
+        let hyper = self.hypernet_template(pairs)?;
+        lap("hypernetwork");
+        let undo: Vec<f32> = hyper.iter().map(|v| -v).collect();
+        let (mut fwd, mut rev) = (fit::Accumulator::default(), fit::Accumulator::default());
+        let mut regs = Vec::with_capacity(pairs.len());
+        for (a, a2) in pairs {
+            let reg = align::register(a, a2, self.threads);
+            lap("register");
+            if reg.registered {
+                self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper)?;
+                self.accumulate(&mut rev, a2, a, &inverse(&reg.sim), &undo)?;
+                lap("fit accumulate");
+            }
+            regs.push(reg);
+        }
+        let (sf, sr) = (fwd.select(), rev.select());
+        lap("fit select");
+        let (delta, residual) = self.compose(&hyper, sf.as_ref());
+        let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref());
+        let card = self.card(pairs, sf.as_ref(), sr.as_ref(), &regs);
+        let source_hist = histogram(pairs.iter().map(|(a, _)| a));
+        let target_hist = histogram(pairs.iter().map(|(_, a2)| a2));
+        lap("card");
+        Ok(Learned {
+            delta,
+            reverse_delta,
+            residual,
+            reverse_residual,
+            card,
+            source_hist,
+            target_hist,
+        })
+    }
+
+    /// H(A, A'), averaged over the pairs.
+    fn hypernet_template(&self, pairs: &[(Frame, Frame)]) -> Result<Vec<f32>> {
+        let mut delta = vec![0.0f32; self.models.template_len];
+        for (a, a2) in pairs {
+            let t = self.models.hypernet([
+                &filterbank::thumbnail(a),
+                &filterbank::thumbnail(a2),
+                &filterbank::centre_patch(a),
+                &filterbank::centre_patch(a2),
+            ])?;
+            for (d, v) in delta.iter_mut().zip(&t) {
+                *d += v / pairs.len() as f32;
+            }
+        }
+        Ok(delta)
+    }
+
+    /// Adds the pair `src -> dst` (dst registered onto src by `sim`) to `acc`, with
+    /// G(delta, src) as the hypernetwork base.
+    fn accumulate(
+        &self,
+        acc: &mut fit::Accumulator,
+        src: &Frame,
+        dst: &Frame,
+        sim: &Similarity,
+        delta: &[f32],
+    ) -> Result<()> {
+        let (target, mask) = align::warp(dst, sim);
+        let blurs = filterbank::blurs(src, self.threads);
+        let planes = bank::planes(src, true, self.threads);
+        let grid = self.grid(delta, &filterbank::thumbnail(src))?;
+        let pred = slice::apply(src, &blurs, &grid, self.threads);
+        acc.add_pair(&fit::PairData {
+            src,
+            blurs: &blurs,
+            planes: &planes,
+            pred: &pred,
+            target: &target,
+            mask: &mask,
+        });
+        Ok(())
+    }
+
+    /// The LoRA vector and residual stage of one direction. With nothing validated (no pair
+    /// registered), the hypernetwork's template alone.
+    fn compose(&self, hyper: &[f32], sel: Option<&Selection>) -> (Vec<f32>, Vec<f32>) {
+        let Some(s) = sel else {
+            return (hyper.to_vec(), Vec::new());
+        };
+        let mut delta = match s.base {
+            Base::Hypernet => hyper.to_vec(),
+            Base::Identity => vec![0.0; hyper.len()],
+        };
+        if let Some(tone) = &s.tone {
+            let at = self.models.offset_at;
+            for (d, o) in delta[at..at + tone.len()].iter_mut().zip(tone) {
+                *d += o;
+            }
+        }
+        (delta, s.residual.clone())
+    }
+
+    fn card(
+        &self,
+        pairs: &[(Frame, Frame)],
+        fwd: Option<&Selection>,
+        rev: Option<&Selection>,
+        regs: &[Registration],
+    ) -> Card {
+        let mut ch = card::Change::default();
+        let np = pairs.len() as f32;
+        for (a, a2) in pairs {
+            let c = card::change(
+                &card::stats(a, self.threads),
+                &card::stats(a2, self.threads),
+            );
+            ch.exposure_ev += c.exposure_ev / np;
+            ch.wb_shift[0] += c.wb_shift[0] / np;
+            ch.wb_shift[1] += c.wb_shift[1] / np;
+            ch.contrast += c.contrast / np;
+            ch.saturation += c.saturation / np;
+            ch.sharpness += c.sharpness / np;
+        }
+        let g = fwd.map(|s| s.gains).unwrap_or_default();
+        Card {
+            exposure_ev: ch.exposure_ev,
+            wb_shift: ch.wb_shift,
+            contrast: ch.contrast,
+            saturation: ch.saturation,
+            sharpness: ch.sharpness,
+            // 0 = not measured: no pair registered, so none has a pixel-wise error
+            self_psnr_db: fwd.map_or(0.0, |s| s.fit_psnr_db),
+            pairs: pairs.len() as u32,
+            fit_used: fwd.is_some_and(|s| s.tone.is_some() || !s.residual.is_empty()),
+            validated_gain_db: fwd.map(|s| s.gains.total),
+            reverse_gain_db: rev.map(|s| s.gains.total),
+            part_gains_db: PartGains {
+                hypernet: g.hypernet,
+                tone: g.tone,
+                bank: g.bank,
+                position: g.position,
+            },
+            heldout_pair_psnr_db: fwd.and_then(|s| s.heldout_pair_psnr_db),
+            registration: regs
+                .iter()
+                .map(|r| PairRegistration {
+                    registered: r.registered,
+                    dx: r.sim.dx as f32,
+                    dy: r.sim.dy as f32,
+                    angle_deg: r.sim.angle_deg as f32,
+                    scale: r.sim.scale as f32,
+                    residual_px: r.residual_px as f32,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The quality gate's histogram of some images, averaged.
+fn histogram<'a>(frames: impl ExactSizeIterator<Item = &'a Frame>) -> Vec<f32> {
+    let mut hist = vec![0.0f32; quality::HIST];
+    let n = frames.len() as f32;
+    for f in frames {
+        let h = quality::histogram(&filterbank::thumbnail(f));
+        for (hv, v) in hist.iter_mut().zip(h) {
+            *hv += v / n;
+        }
+    }
+    hist
+}
+
+/// M^-1 of a similarity M(p) = c + s R(a) (p - c) + t: c + R(-a) (p - c) / s - R(-a) t / s.
+fn inverse(m: &Similarity) -> Similarity {
+    let (sin, cos) = m.angle_deg.to_radians().sin_cos();
+    let (tx, ty) = (m.dx, m.dy);
+    Similarity {
+        dx: -(cos * tx + sin * ty) / m.scale,
+        dy: -(-sin * tx + cos * ty) / m.scale,
+        angle_deg: -m.angle_deg,
+        scale: 1.0 / m.scale,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// M(M^-1(p)) = p for a few points.
+    #[test]
+    fn inverse_undoes_the_similarity() {
+        let m = Similarity {
+            dx: 12.5,
+            dy: -7.0,
+            angle_deg: 4.0,
+            scale: 1.05,
+        };
+        let (c, inv) = ((319.5, 239.5), inverse(&m));
+        let map = |s: &Similarity, (x, y): (f64, f64)| {
+            let (sin, cos) = s.angle_deg.to_radians().sin_cos();
+            let (u, v) = (x - c.0, y - c.1);
+            (
+                c.0 + s.scale * (cos * u - sin * v) + s.dx,
+                c.1 + s.scale * (sin * u + cos * v) + s.dy,
+            )
+        };
+        for p in [(0.0, 0.0), (639.0, 479.0), (100.0, 400.0)] {
+            let q = map(&m, map(&inv, p));
+            assert!(
+                (q.0 - p.0).abs() < 1e-9 && (q.1 - p.1).abs() < 1e-9,
+                "{p:?} -> {q:?}"
+            );
+        }
+    }
+}
