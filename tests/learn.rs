@@ -28,8 +28,8 @@ fn map(f: &Frame, g: impl Fn([f32; 3]) -> [f32; 3]) -> Frame {
     let mut out = f.clone();
     for i in 0..n {
         let rgb = g([f.data[i], f.data[n + i], f.data[2 * n + i]]);
-        for c in 0..3 {
-            out.data[c * n + i] = rgb[c].clamp(0.0, 1.0);
+        for (c, v) in rgb.iter().enumerate() {
+            out.data[c * n + i] = v.clamp(0.0, 1.0);
         }
     }
     out
@@ -234,4 +234,12 @@ fn unrelated_images_do_not_register_and_the_card_says_so() {
         l.card.registration
     );
     assert_eq!(l.card.validated_gain_db, None);
+    // and the template can still be stored, card and all
+    let t = l.into_template(
+        takumi::store::TemplateName::new("unregistered").unwrap(),
+        e.models.hash.clone(),
+        0,
+        Vec::new(),
+    );
+    t.encode().unwrap();
 }

@@ -1,8 +1,9 @@
 //! The closed-form parts of a template, fitted in `learn` on the registered pair(s):
 //! * `tone`: a global offset of G's coefficient grid (per luminance bin, G's own features);
 //! * `bank`: the residual stage's colour, blur scales and bias (see bank.rs);
-//! * `position`: the residual stage's smooth position terms (vignette, lens shading);
-//! on top of one of two bases: G with the hypernetwork's template, or B itself.
+//! * `position`: the residual stage's smooth position terms (vignette, lens shading).
+//!
+//! They correct one of two bases: G with the hypernetwork's template, or B itself.
 //!
 //! All parts enter linearly, so each is ridge regression from per-pixel features, kept as normal
 //! equations per tile of a 4 x 4 grid (and per pair). Validation fits on one side of the frame
@@ -300,8 +301,8 @@ impl Scores {
     fn new(folds: &[(Normal, Normal)]) -> Self {
         let mut err = [[[0.0f64; LAMBDAS.len()]; 1 << GROUPS]; 2];
         for (fit, val) in folds {
-            for b in 0..2 {
-                err[b][0].iter_mut().for_each(|e| *e += val.rr[b]);
+            for (e, rr) in err.iter_mut().zip(val.rr) {
+                e[0].iter_mut().for_each(|x| *x += rr);
             }
             for set in 1..(1u8 << GROUPS) {
                 let idx = columns(set);
@@ -587,13 +588,13 @@ fn add_sample(t: &mut Normal, idx: &[usize], val: &[f64], r: &[[f64; 3]; 2]) {
         for (&ib, &vb) in idx[a..].iter().zip(&val[a..]) {
             row[ib] += va * vb;
         }
-        for b in 0..2 {
-            for c in 0..3 {
-                t.v[b][ia * 3 + c] += va * r[b][c];
+        for (v, rb) in t.v.iter_mut().zip(r) {
+            for (vc, rc) in v[ia * 3..ia * 3 + 3].iter_mut().zip(rb) {
+                *vc += va * rc;
             }
         }
     }
-    for b in 0..2 {
-        t.rr[b] += r[b].iter().map(|v| v * v).sum::<f64>();
+    for (rr, rb) in t.rr.iter_mut().zip(r) {
+        *rr += rb.iter().map(|v| v * v).sum::<f64>();
     }
 }

@@ -177,7 +177,8 @@ impl Engine {
                     dy: r.sim.dy as f32,
                     angle_deg: r.sim.angle_deg as f32,
                     scale: r.sim.scale as f32,
-                    residual_px: r.residual_px as f32,
+                    // infinite when no similarity could be fitted at all
+                    residual_px: r.residual_px.min(999.0) as f32,
                 })
                 .collect(),
         }
