@@ -92,7 +92,6 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
         let edit = Edit {
             delta: &first.delta,
             residual: &full,
-            support: &first.source_hist,
         };
         let ms = time_ms(args.iters, || float.apply_edit(edit, f))?;
         println!(

@@ -326,7 +326,7 @@ fn apply(
         let out = eng.apply_edit(t.edit(reverse), &frame)?;
         let kind = ImageKind::from_path(o).unwrap_or(ImageKind::Png);
         pending.push(PendingFile::write(o, &encode(&out, kind)?)?);
-        let score = eng.score(&t.source_hist, &frame);
+        let score = eng.score(t.gate_hist(reverse), &frame);
         let flag = if cfg.quality.needs_review(score, &t.card, reverse) {
             " needs_review"
         } else {
@@ -372,8 +372,9 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                     "pair {i}       {}x{} before {} after {}",
                     s.width,
                     s.height,
-                    &s.before_blake3[..16.min(s.before_blake3.len())],
-                    &s.after_blake3[..16.min(s.after_blake3.len())]
+                    // by characters: a crafted file may hold any UTF-8 there
+                    s.before_blake3.chars().take(16).collect::<String>(),
+                    s.after_blake3.chars().take(16).collect::<String>()
                 );
             }
             println!("exposure     {:+.2} EV", c.exposure_ev);

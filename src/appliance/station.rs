@@ -493,7 +493,7 @@ impl Station {
             .engine
             .apply_edit(t.edit(reverse), &frame)
             .map_err(|e| ("apply_failed", e.to_string()))?;
-        let score = self.engine.score(&t.source_hist, &frame);
+        let score = self.engine.score(t.gate_hist(reverse), &frame);
         let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
         let jpeg = encode(&out, ImageKind::Jpeg).map_err(|e| ("encode_failed", e.to_string()))?;
         self.seq += 1;

@@ -72,6 +72,24 @@ pub struct Similarity {
 }
 
 impl Similarity {
+    /// M as a 2x3 matrix on pixel coordinates of a w x h frame: M(x, y) =
+    /// (m[0] x + m[1] y + m[2], m[3] x + m[4] y + m[5]).
+    pub fn matrix(&self, w: usize, h: usize) -> [f64; 6] {
+        Affine::at_level(self, (w, h), 1).0
+    }
+
+    /// M^-1 of M(p) = c + s R(a) (p - c) + t: c + R(-a) (p - c) / s - R(-a) t / s.
+    pub fn inverse(&self) -> Similarity {
+        let (sin, cos) = self.angle_deg.to_radians().sin_cos();
+        let (tx, ty) = (self.dx, self.dy);
+        Similarity {
+            dx: -(cos * tx + sin * ty) / self.scale,
+            dy: -(-sin * tx + cos * ty) / self.scale,
+            angle_deg: -self.angle_deg,
+            scale: 1.0 / self.scale,
+        }
+    }
+
     pub const IDENTITY: Similarity = Similarity {
         dx: 0.0,
         dy: 0.0,

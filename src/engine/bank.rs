@@ -118,13 +118,22 @@ pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: 
         }
     }
     out[BIAS] = 1.0;
-    let (u, v) = (coord(x, f.width), coord(y, f.height));
+    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION]).try_into().unwrap_or_else(|_| unreachable!());
+    position(coord(x, f.width), coord(y, f.height), rgb, pos);
+}
+
+/// Features of the position group.
+pub const POSITION_LEN: usize = NF - 19;
+
+/// The position terms at normalised coordinates (u, v) for colour `rgb`.
+#[inline]
+pub fn position(u: f32, v: f32, rgb: [f32; 3], out: &mut [f32; POSITION_LEN]) {
     let r2 = 0.5 * (u * u + v * v);
     let pos = [u, v, r2, r2 * r2, r2 * r2 * r2];
-    out[19..24].copy_from_slice(&pos);
+    out[..5].copy_from_slice(&pos);
     for (k, p) in pos.iter().enumerate() {
         for c in 0..3 {
-            out[24 + 3 * k + c] = p * rgb[c];
+            out[5 + 3 * k + c] = p * rgb[c];
         }
     }
 }

@@ -13,29 +13,28 @@
 //! candidates, so a kept part always validates better than leaving the capture alone.
 
 use super::bank::{self, NF};
-use super::filterbank::{self, Blurs, pixel_at};
+use super::filterbank::{Blurs, pixel_at};
 use super::model::{CK, K, LBINS};
 use crate::Frame;
 
 const TONE_P: usize = LBINS * K;
 /// Unknowns per output channel: the tone offset, then the residual stage's weights.
-const P: usize = TONE_P + NF;
+/// The position terms appear twice: where the pixel is in the source frame and where it is in
+/// the target's own frame. A vignette that the after shot added sits in the after shot's camera
+/// frame, one that the edit removed in the before shot's; for a moved part the two differ, and
+/// the data decides. At `apply` the two frames are the same, so the two weight sets add up.
+const MOVED: usize = TONE_P + NF;
+const P: usize = MOVED + bank::POSITION_LEN;
 const TILES: usize = 4;
-const TARGET_SAMPLES: f64 = 40000.0;
-const LAMBDAS: [f64; 3] = [1e-1, 1e-2, 1e-3];
+const TARGET_SAMPLES: f64 = 20000.0;
+const LAMBDAS: [f64; 5] = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5];
 /// Weight (relative to the mean diagonal) of the tone offset's smoothness across luminance
 /// bins: a bin the pair barely shows follows its neighbours instead of fitting a few pixels,
 /// so tones that B has and A lacks get the edit of the nearest tones A has. The spatial splits
 /// cannot see that extrapolation, so this is fixed rather than validated.
-const SMOOTH: f64 = 1e-2;
-/// Weight of the prior, as a fraction of the fit's samples, spread over a grid of colours.
-/// The prior says "no change beyond the base" for every colour: where the pair shows a colour,
-/// its pixels outweigh it; where it never does, the correction leans to the base instead of
-/// extrapolating a colour map fitted on other colours.
-const PRIOR_WEIGHT: f64 = 0.05;
-const PRIOR_GRID: usize = 8;
+const SMOOTH: f64 = 1e-1;
 /// A part must buy at least this much validated gain to be kept.
-const MIN_PART_GAIN_DB: f64 = 0.01;
+const MIN_PART_GAIN_DB: f64 = 0.5;
 const GROUPS: usize = 3;
 
 /// Base of the fit: what the closed-form parts correct.
@@ -93,6 +92,8 @@ pub struct PairData<'a> {
     pub pred: &'a Frame,
     pub target: &'a Frame,
     pub mask: &'a [bool],
+    /// Where a source pixel sits in the target's own frame (the warp that made `target`).
+    pub sim: &'a super::align::Similarity,
 }
 
 #[derive(Default)]
@@ -373,6 +374,7 @@ fn columns(set: u8) -> Vec<usize> {
     }
     if set & 4 != 0 {
         idx.extend(bank::POSITION.map(|j| TONE_P + j));
+        idx.extend(MOVED..P);
     }
     idx
 }
@@ -391,43 +393,6 @@ fn solve(n: &Normal, base: Base, set: u8, lam: usize) -> Option<Vec<f64>> {
     let idx = columns(set);
     let l = cholesky(n, &idx, LAMBDAS[lam])?;
     Some(solve_with(&l, n, base, &idx))
-}
-
-/// sum phi phi^T over the prior's colours (flat patches at the frame centre, so the position
-/// terms are free), per colour; upper triangle like `Normal::m`.
-fn prior() -> &'static [f64] {
-    static PRIOR: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
-    PRIOR.get_or_init(|| {
-        let mut m = vec![0.0f64; P * P];
-        let g = PRIOR_GRID;
-        let mut f = [0.0f32; K];
-        for i in 0..g * g * g {
-            // a flat patch of one colour: its blurs are the colour, its position the centre
-            let rgb = [i / (g * g), (i / g) % g, i % g].map(|v| (v as f32 + 0.5) / g as f32);
-            filterbank::pixel_features(rgb, rgb, rgb, &mut f);
-            let (l0, w0, w1) = filterbank::lum_bins(filterbank::luminance(rgb[0], rgb[1], rgb[2]));
-            let mut idx = Vec::with_capacity(2 * K + 19);
-            let mut val = Vec::with_capacity(2 * K + 19);
-            for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
-                if l < LBINS && wl != 0.0 {
-                    for (k, fk) in f.iter().enumerate() {
-                        idx.push(l * K + k);
-                        val.push((wl * fk) as f64);
-                    }
-                }
-            }
-            for j in bank::BANK {
-                idx.push(TONE_P + j);
-                val.push(if j == 18 { 1.0 } else { rgb[j % 3] as f64 });
-            }
-            for (a, (&ia, &va)) in idx.iter().zip(&val).enumerate() {
-                for (&ib, &vb) in idx[a..].iter().zip(&val[a..]) {
-                    m[ia * P + ib] += va * vb / (g * g * g) as f64;
-                }
-            }
-        }
-        m
-    })
 }
 
 /// The smoothness penalty's entry (i, j): first differences between the same feature in
@@ -452,13 +417,11 @@ fn smooth(i: usize, j: usize, mu: f64) -> f64 {
 fn cholesky(n: &Normal, idx: &[usize], lam: f64) -> Option<Vec<f64>> {
     let scale = ((0..P).map(|i| n.m[i * P + i]).sum::<f64>() / P as f64).max(1e-12);
     let (lam, mu) = (lam * scale, SMOOTH * scale);
-    let (pm, pw) = (prior(), PRIOR_WEIGHT * n.n as f64);
     let q = idx.len();
     let mut l = vec![0.0f64; q * q];
     for i in 0..q {
         for j in 0..=i {
             let mut s = sym(&n.m, idx[i], idx[j])
-                + pw * sym(pm, idx[i], idx[j])
                 + smooth(idx[i], idx[j], mu)
                 + if i == j { lam } else { 0.0 };
             let (ri, rj) = (&l[i * q..i * q + j], &l[j * q..j * q + j]);
@@ -530,7 +493,13 @@ fn unpack(d: Option<&[f64]>, set: u8) -> (Option<Vec<f32>>, Vec<f32>) {
         out
     });
     let residual = if set & 6 != 0 {
-        (0..NF * 3).map(|i| d[TONE_P * 3 + i] as f32).collect()
+        let mut w: Vec<f32> = (0..NF * 3).map(|i| d[TONE_P * 3 + i] as f32).collect();
+        for (k, j) in bank::POSITION.enumerate() {
+            for c in 0..3 {
+                w[3 * j + c] += d[(MOVED + k) * 3 + c] as f32;
+            }
+        }
+        w
     } else {
         Vec::new()
     };
@@ -544,8 +513,10 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
     let s = stride(w, h);
     let mut f = [0.0f32; K];
     let mut phi = [0.0f32; NF];
-    let mut idx = [0usize; 2 * K + NF];
-    let mut val = [0.0f64; 2 * K + NF];
+    let mut moved = [0.0f32; bank::POSITION_LEN];
+    let mut bins = [[0.0f64; K]; 2];
+    let mut res = [0.0f64; NF + bank::POSITION_LEN];
+    let m = d.sim.matrix(w, h);
     for y in rows.filter(|y| y % s == s / 2) {
         let trow = y * TILES / h - tile_row0;
         for x in (s / 2..w).step_by(s) {
@@ -556,41 +527,56 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
             let t = &mut tiles[trow * TILES + x * TILES / w];
             let (rgb, (l0, w0, w1)) = pixel_at(d.src, d.blurs, i, &mut f);
             bank::features(d.src, d.blurs, d.planes, x, y, &mut phi);
-            let mut nz = 0;
-            for (l, wl) in [(l0, w0), (l0 + 1, w1)] {
-                if l >= LBINS || wl == 0.0 {
-                    continue;
-                }
-                for (k, fk) in f.iter().enumerate() {
-                    (idx[nz], val[nz]) = (l * K + k, (wl * fk) as f64);
-                    nz += 1;
+            let (mx, my) = (
+                m[0] * x as f64 + m[1] * y as f64 + m[2],
+                m[3] * x as f64 + m[4] * y as f64 + m[5],
+            );
+            let uv = |p: f64, n: usize| (2.0 * p / (n - 1).max(1) as f64 - 1.0) as f32;
+            bank::position(uv(mx, w), uv(my, h), rgb, &mut moved);
+            // phi is sparse: two luminance bins of the tone offset, then the residual stage
+            let mut segs: [(usize, &[f64]); 3] = [(0, &[]); 3];
+            let mut ns = 0;
+            for ((l, wl), out) in [(l0, w0), (l0 + 1, w1)].into_iter().zip(bins.iter_mut()) {
+                if l < LBINS && wl != 0.0 {
+                    out.iter_mut().zip(&f).for_each(|(o, fk)| *o = (wl * fk) as f64);
+                    segs[ns] = (l * K, &out[..]);
+                    ns += 1;
                 }
             }
-            for (j, p) in phi.iter().enumerate() {
-                (idx[nz], val[nz]) = (TONE_P + j, *p as f64);
-                nz += 1;
-            }
+            let all = phi.iter().chain(&moved);
+            res.iter_mut().zip(all).for_each(|(o, p)| *o = *p as f64);
+            segs[ns] = (TONE_P, &res[..]);
             let tgt: [f64; 3] = std::array::from_fn(|c| d.target.data[c * n + i] as f64);
             let r = [
                 std::array::from_fn::<f64, 3, _>(|c| tgt[c] - d.pred.data[c * n + i] as f64),
                 std::array::from_fn::<f64, 3, _>(|c| tgt[c] - rgb[c] as f64),
             ];
-            add_sample(t, &idx[..nz], &val[..nz], &r);
+            add_sample(t, &segs[..=ns], &r);
         }
     }
 }
 
+/// out += a * x, on contiguous slices so that it vectorises.
 #[inline]
-fn add_sample(t: &mut Normal, idx: &[usize], val: &[f64], r: &[[f64; 3]; 2]) {
+fn axpy(out: &mut [f64], a: f64, x: &[f64]) {
+    out.iter_mut().zip(x).for_each(|(o, v)| *o += a * v);
+}
+
+/// Adds one sample given as segments (first unknown, values) in increasing order: the upper
+/// triangle of phi phi^T, phi r^T and |r|^2.
+#[inline]
+fn add_sample(t: &mut Normal, segs: &[(usize, &[f64])], r: &[[f64; 3]; 2]) {
     t.n += 1;
-    for (a, (&ia, &va)) in idx.iter().zip(val).enumerate() {
-        let row = &mut t.m[ia * P..(ia + 1) * P];
-        for (&ib, &vb) in idx[a..].iter().zip(&val[a..]) {
-            row[ib] += va * vb;
-        }
-        for (v, rb) in t.v.iter_mut().zip(r) {
-            for (vc, rc) in v[ia * 3..ia * 3 + 3].iter_mut().zip(rb) {
-                *vc += va * rc;
+    for (a, &(sa, va)) in segs.iter().enumerate() {
+        for (i, &vi) in va.iter().enumerate() {
+            let p = sa + i;
+            let row = &mut t.m[p * P..(p + 1) * P];
+            axpy(&mut row[p..sa + va.len()], vi, &va[i..]);
+            for &(sb, vb) in &segs[a + 1..] {
+                axpy(&mut row[sb..sb + vb.len()], vi, vb);
+            }
+            for (v, rb) in t.v.iter_mut().zip(r) {
+                axpy(&mut v[p * 3..p * 3 + 3], vi, rb);
             }
         }
     }

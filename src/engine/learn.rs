@@ -42,12 +42,18 @@ impl Engine {
             lap("register");
             if reg.registered {
                 self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper)?;
-                self.accumulate(&mut rev, a2, a, &inverse(&reg.sim), &undo)?;
+                self.accumulate(&mut rev, a2, a, &reg.sim.inverse(), &undo)?;
                 lap("fit accumulate");
             }
             regs.push(reg);
         }
-        let (sf, sr) = (fwd.select(), rev.select());
+        // the two directions are independent: choose their parts side by side
+        let (sf, sr) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| fwd.select());
+            let sr = rev.select();
+            (h.join(), sr)
+        });
+        let sf = sf.map_err(|_| Error::Invalid("learn: the fit's worker thread failed".into()))?;
         lap("fit select");
         let (delta, residual) = self.compose(&hyper, sf.as_ref());
         let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref());
@@ -105,6 +111,7 @@ impl Engine {
             pred: &pred,
             target: &target,
             mask: &mask,
+            sim,
         });
         Ok(())
     }
@@ -198,18 +205,6 @@ fn histogram<'a>(frames: impl ExactSizeIterator<Item = &'a Frame>) -> Vec<f32> {
     hist
 }
 
-/// M^-1 of a similarity M(p) = c + s R(a) (p - c) + t: c + R(-a) (p - c) / s - R(-a) t / s.
-fn inverse(m: &Similarity) -> Similarity {
-    let (sin, cos) = m.angle_deg.to_radians().sin_cos();
-    let (tx, ty) = (m.dx, m.dy);
-    Similarity {
-        dx: -(cos * tx + sin * ty) / m.scale,
-        dy: -(-sin * tx + cos * ty) / m.scale,
-        angle_deg: -m.angle_deg,
-        scale: 1.0 / m.scale,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,7 +218,7 @@ mod tests {
             angle_deg: 4.0,
             scale: 1.05,
         };
-        let (c, inv) = ((319.5, 239.5), inverse(&m));
+        let (c, inv) = ((319.5, 239.5), m.inverse());
         let map = |s: &Similarity, (x, y): (f64, f64)| {
             let (sin, cos) = s.angle_deg.to_radians().sin_cos();
             let (u, v) = (x - c.0, y - c.1);

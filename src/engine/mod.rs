@@ -42,13 +42,11 @@ impl Learned {
             Edit {
                 delta: &self.reverse_delta,
                 residual: &self.reverse_residual,
-                support: &self.target_hist,
             }
         } else {
             Edit {
                 delta: &self.delta,
                 residual: &self.residual,
-                support: &self.source_hist,
             }
         }
     }
@@ -78,13 +76,11 @@ impl Learned {
 }
 
 /// One direction of a template: G's LoRA vector, then the residual stage (bank.rs; empty for
-/// none), faded out where the capture's tones and colours lie outside `support`, the quality
-/// histogram of the images the direction was learned on (empty: everywhere in full).
+/// none).
 #[derive(Clone, Copy)]
 pub struct Edit<'a> {
     pub delta: &'a [f32],
     pub residual: &'a [f32],
-    pub support: &'a [f32],
 }
 
 impl Engine {
@@ -141,7 +137,6 @@ impl Engine {
         let grid = self.grid(edit.delta, &filterbank::thumbnail(frame))?;
         let mut out = slice::apply(frame, &blurs, &grid, self.threads);
         bank::apply(&mut out, frame, &blurs, edit.residual, self.threads);
-        fade_unsupported(&mut out, frame, edit.support);
         Ok(out)
     }
 
@@ -158,7 +153,6 @@ impl Engine {
             Edit {
                 delta,
                 residual: &[],
-                support: &[],
             },
             frame,
         )
@@ -173,22 +167,3 @@ impl Engine {
     }
 }
 
-/// out = B + support(B) * (out - B), per pixel: where the pair never showed a tone or colour
-/// like this pixel's, nothing it taught applies, so the capture is left as it is there rather
-/// than extrapolated ("never worse than doing nothing").
-fn fade_unsupported(out: &mut Frame, src: &Frame, hist: &[f32]) {
-    if hist.len() != quality::HIST {
-        return;
-    }
-    let n = src.width * src.height;
-    for i in 0..n {
-        let (r, g, b) = (src.data[i], src.data[n + i], src.data[2 * n + i]);
-        let a = quality::support(hist, r, g, b);
-        if a < 1.0 {
-            for c in 0..3 {
-                let x = src.data[c * n + i];
-                out.data[c * n + i] = x + a * (out.data[c * n + i] - x);
-            }
-        }
-    }
-}

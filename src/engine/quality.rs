@@ -46,20 +46,6 @@ pub fn histogram(thumb: &[f32]) -> Vec<f32> {
     h
 }
 
-/// A cell holding this share of the source's pixels is fully trusted.
-const SUPPORT_FULL: f32 = 0.005;
-
-/// How well the source histogram covers a pixel's tone and colour: 1 where the pair showed
-/// enough pixels like it, falling to 0 where it showed none.
-#[inline]
-pub fn support(hist: &[f32], r: f32, g: f32, b: f32) -> f32 {
-    let mut s = 0.0f32;
-    cells(r, g, b, |c, w| {
-        s += w * hist.get(c).map_or(1.0, |h| (h / SUPPORT_FULL).min(1.0))
-    });
-    s.clamp(0.0, 1.0)
-}
-
 /// Total-variation distance between two histograms, in [0, 1].
 pub fn distance(a: &[f32], b: &[f32]) -> f32 {
     0.5 * a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>()

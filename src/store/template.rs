@@ -147,7 +147,7 @@ pub struct Template {
     pub reverse_residual: Vec<f32>,
     /// The source image's colour histogram, used by the quality gate.
     pub source_hist: Vec<f32>,
-    /// The after image's colour histogram: the undo's support (empty in version 1 files).
+    /// The after image's colour histogram: the undo's quality gate (empty in version 1 files).
     pub target_hist: Vec<f32>,
 }
 
@@ -554,19 +554,21 @@ impl Template {
 
     /// The direction `apply` runs: the edit, or its undo.
     pub fn edit(&self, reverse: bool) -> crate::engine::Edit<'_> {
-        let (delta, residual, support) = if reverse {
-            (
-                &self.reverse_delta,
-                &self.reverse_residual,
-                &self.target_hist,
-            )
+        let (delta, residual) = if reverse {
+            (&self.reverse_delta, &self.reverse_residual)
         } else {
-            (&self.delta, &self.residual, &self.source_hist)
+            (&self.delta, &self.residual)
         };
-        crate::engine::Edit {
-            delta,
-            residual,
-            support,
+        crate::engine::Edit { delta, residual }
+    }
+
+    /// The histogram the quality gate compares an input of `apply` with: the before images'
+    /// for the edit, the after images' for the undo (version 1 files: the before images').
+    pub fn gate_hist(&self, reverse: bool) -> &[f32] {
+        if reverse && !self.target_hist.is_empty() {
+            &self.target_hist
+        } else {
+            &self.source_hist
         }
     }
 
