@@ -89,14 +89,17 @@ pub fn run(cfg: &Config, args: &BenchArgs) -> Result<()> {
     // the worst case of a template: every feature of the residual stage in use
     let full = vec![1e-3f32; bank::NF * 3];
     for f in [&vga, &hd] {
+        let g_only = time_ms(args.iters, || float.apply(&first.delta, f, false))?;
         let edit = Edit {
             delta: &first.delta,
             residual: &full,
         };
         let ms = time_ms(args.iters, || float.apply_edit(edit, f))?;
         println!(
-            "apply {}x{} float, with the full residual stage: {ms:.1} ms",
-            f.width, f.height
+            "apply {}x{} float, with the full residual stage: {ms:.1} ms ({:.2}x G alone, {g_only:.1} ms, same run)",
+            f.width,
+            f.height,
+            ms / g_only
         );
     }
     // the ONNX models alone, for the onnxruntime comparison

@@ -131,7 +131,10 @@ fn transfer(e: &Engine, a: &Frame, a2: &Frame, b: &Frame, edit: EditFn) -> (f32,
 fn line_pair() -> (Frame, Frame) {
     let f = img("pair_before.jpg");
     let half = f.width / 2;
-    (f.crop(0, 0, half, f.height), f.crop(half, 0, half, f.height))
+    (
+        f.crop(0, 0, half, f.height),
+        f.crop(half, 0, half, f.height),
+    )
 }
 
 #[test]

@@ -118,7 +118,9 @@ pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: 
         }
     }
     out[BIAS] = 1.0;
-    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION]).try_into().unwrap_or_else(|_| unreachable!());
+    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION])
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
     position(coord(x, f.width), coord(y, f.height), rgb, pos);
 }
 

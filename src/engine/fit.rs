@@ -538,7 +538,9 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
             let mut ns = 0;
             for ((l, wl), out) in [(l0, w0), (l0 + 1, w1)].into_iter().zip(bins.iter_mut()) {
                 if l < LBINS && wl != 0.0 {
-                    out.iter_mut().zip(&f).for_each(|(o, fk)| *o = (wl * fk) as f64);
+                    out.iter_mut()
+                        .zip(&f)
+                        .for_each(|(o, fk)| *o = (wl * fk) as f64);
                     segs[ns] = (l * K, &out[..]);
                     ns += 1;
                 }
