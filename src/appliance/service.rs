@@ -267,6 +267,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             after: None,
         };
         let mut seen_dropped = 0u64;
+        let mut ticks_refused = false;
         let mut status_tick =
             tokio::time::interval(Duration::from_secs(cfg.station.status_interval_s));
         let capture_every = Duration::from_millis(cfg.station.capture_interval_ms.max(1));
@@ -371,7 +372,17 @@ pub async fn start(cfg: Config) -> Result<Running> {
                     }
                 }
                 _ = capture_tick.tick(), if cfg.station.capture_interval_ms > 0 => {
-                    if armed.load(Ordering::Relaxed) && depth.load(Ordering::Relaxed) == 0 {
+                    if !armed.load(Ordering::Relaxed) || depth.load(Ordering::Relaxed) > 0 {
+                        continue;
+                    }
+                    // the same bound as commands: with the outbox full, captures stop, said once
+                    let full = link.outbox().len() >= cfg.outbox.max_entries;
+                    if full && !ticks_refused {
+                        publish_event(&link, Event { level: Level::Error, code: "overloaded".into(),
+                            message: "the result outbox is full (broker unreachable?); interval captures paused".into(), request_id: None });
+                    }
+                    ticks_refused = full;
+                    if !full {
                         submit(&job_tx, Job::Tick);
                     }
                 }
