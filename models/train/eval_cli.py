@@ -51,6 +51,10 @@ METHODS = ("identity",) + CLASSICAL + ("takumi",)
 LOSSY = {"sepia", "mono_tint", "blur", "denoise"}
 SHEET_ROWS, MOVED_SHEET_ROWS = 2, 4
 BIG = 1.5  # the moved set's larger crop, as a multiple of the 320x240 frame
+# A camera model for the moved set: both shots are the area average of the scene at SENSOR x the
+# frame's resolution, so the moved shot is not blurrier than the aligned one (a bilinear resample
+# at frame resolution would add a blur no camera adds, and charge it to registration).
+SENSOR = 4
 
 
 # ------------------------------------------------------------------ images and scores
@@ -98,15 +102,18 @@ def big_crop(img, rng):
     lo = max(bh / h, bw / w)
     s = rng.uniform(lo, max(lo, 1.0))
     nh, nw = max(bh, round(h * s)), max(bw, round(w * s))
-    x = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     t, l = rng.randint(0, nh - bh), rng.randint(0, nw - bw)
-    return x[:, :, t:t + bh, l:l + bw]
+    # the scene at SENSOR x resolution (see SENSOR)
+    x = F.interpolate(img[None], size=(nh * SENSOR, nw * SENSOR), mode="bicubic", align_corners=False)
+    k = SENSOR
+    return x[:, :, t * k:(t + bh) * k, l * k:(l + bw) * k].clamp(0, 1)
 
 
 def centre(big):
     _, _, bh, bw = big.shape
-    t, l = (bh - H) // 2, (bw - W) // 2
-    return big[:, :, t:t + H, l:l + W]
+    k = SENSOR
+    t, l = (bh // k - H) // 2, (bw // k - W) // 2
+    return F.avg_pool2d(big[:, :, t * k:(t + H) * k, l * k:(l + W) * k], k)
 
 
 def moved_frame(big, angle_deg, scale, tx, ty):
@@ -114,15 +121,18 @@ def moved_frame(big, angle_deg, scale, tx, ty):
     point R(angle) p / scale + (tx, ty) of the big crop; done in pixel units, so it is a true
     rotation whatever the aspect ratio."""
     _, _, bh, bw = big.shape
+    bh, bw = bh / SENSOR, bw / SENSOR  # in frame pixels, the unit of tx and ty
     a = math.radians(angle_deg)
     m = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) / scale
     d_out, d_in = np.diag([W / 2, H / 2]), np.diag([bw / 2, bh / 2])
     lin = np.linalg.inv(d_in) @ m @ d_out
     off = np.linalg.inv(d_in) @ np.array([tx, ty])
     theta = torch.tensor(np.concatenate([lin, off[:, None]], 1)[None], dtype=big.dtype)
-    grid = F.affine_grid(theta, [1, 3, H, W], align_corners=False)
+    k = SENSOR
+    grid = F.affine_grid(theta, [1, 3, H * k, W * k], align_corners=False)
     assert float(grid.abs().max()) < 1, "moved frame leaves the big crop"
-    return F.grid_sample(big, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    fine = F.grid_sample(big, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return F.avg_pool2d(fine, k)
 
 
 def moved_set(photos, per_family, seed=23):

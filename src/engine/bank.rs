@@ -101,8 +101,23 @@ fn coord(i: usize, n: usize) -> f32 {
 /// All `NF` features of pixel (x, y). Blur features are 0 when `planes` holds none.
 #[inline]
 pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: &mut [f32; NF]) {
-    let (w, n) = (f.width, f.width * f.height);
-    let i = y * w + x;
+    let rgb = colour_features(f, g, planes, y * f.width + x, out);
+    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION])
+        .try_into()
+        .unwrap_or_else(|_| unreachable!());
+    position(coord(x, f.width), coord(y, f.height), rgb, pos);
+}
+
+/// The bank group's features of pixel i (colour, blurs, bias); returns the colour.
+#[inline]
+fn colour_features(
+    f: &Frame,
+    g: &Blurs,
+    planes: &Planes,
+    i: usize,
+    out: &mut [f32; NF],
+) -> [f32; 3] {
+    let n = f.width * f.height;
     let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
     out[..19].fill(0.0);
     out[..3].copy_from_slice(&rgb);
@@ -118,10 +133,7 @@ pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: 
         }
     }
     out[BIAS] = 1.0;
-    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION])
-        .try_into()
-        .unwrap_or_else(|_| unreachable!());
-    position(coord(x, f.width), coord(y, f.height), rgb, pos);
+    rgb
 }
 
 /// Features of the position group.
@@ -150,15 +162,25 @@ pub fn apply(out: &mut Frame, src: &Frame, g: &Blurs, w: &[f32], threads: usize)
         uses(w, 3..6) || uses(w, 9..12) || uses(w, 15..18),
         threads,
     );
-    let (width, n) = (src.width, src.width * src.height);
+    let with_position = uses(w, POSITION);
+    // one contiguous row of weights per output channel, so each dot product vectorises
+    let wt: [[f32; NF]; 3] = std::array::from_fn(|c| std::array::from_fn(|j| w[3 * j + c]));
+    let (width, height, n) = (src.width, src.height, src.width * src.height);
     let mut delta = vec![0.0f32; 3 * n];
     par::rows(&mut delta, 3 * width, threads, |y0, band| {
         let mut phi = [0.0f32; NF];
         for (dy, row) in band.chunks_mut(3 * width).enumerate() {
+            let v = coord(y0 + dy, height);
             for x in 0..width {
-                features(src, g, &planes, x, y0 + dy, &mut phi);
-                for c in 0..3 {
-                    row[3 * x + c] = (0..NF).map(|j| w[3 * j + c] * phi[j]).sum();
+                let rgb = colour_features(src, g, &planes, (y0 + dy) * width + x, &mut phi);
+                if with_position {
+                    let pos: &mut [f32; POSITION_LEN] = (&mut phi[POSITION])
+                        .try_into()
+                        .unwrap_or_else(|_| unreachable!());
+                    position(coord(x, width), v, rgb, pos);
+                }
+                for (o, wc) in row[3 * x..3 * x + 3].iter_mut().zip(&wt) {
+                    *o = wc.iter().zip(&phi).map(|(a, b)| a * b).sum();
                 }
             }
         }
