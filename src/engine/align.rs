@@ -280,7 +280,9 @@ pub fn warp(after: &Frame, sim: &Similarity) -> (Frame, Vec<bool>) {
     };
     let (r, rest) = out.data.split_at_mut(w * h);
     let (g, b) = rest.split_at_mut(w * h);
-    par_bands(vec![r, g, b, &mut ok], w, 1, |y0, band| {
+    // the one full-resolution warp of a pair: worth the cores there are
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    par_bands(vec![r, g, b, &mut ok], w, threads, |y0, band| {
         warper.band(y0, w, band)
     });
     for v in &mut out.data {
@@ -373,32 +375,69 @@ struct Warper<'a, const N: usize> {
 
 impl<const N: usize> Warper<'_, N> {
     /// Rows y0.. of the warp: `band` holds one plane per source, then the validity plane (1
-    /// where the sample point lies at least 2 px inside the source, else 0 with values 0).
-    fn band(&self, y0: usize, w: usize, mut band: Vec<&mut [f32]>) {
+    /// where every tap of the sample lies inside the source, else 0 with values 0).
+    fn band(&self, y0: usize, w: usize, band: Vec<&mut [f32]>) {
+        // two monomorphised loops: the registration's bilinear warps stay as tight as before
+        if self.cubic {
+            let sw = self.sw;
+            self.band_with(
+                y0,
+                w,
+                band,
+                2,
+                4,
+                move |srcs: &[&[f32]; N], ix, iy, fx, fy| {
+                    // the weights once per point, for every plane
+                    let (wx, wy) = (lanczos3(fx), lanczos3(fy));
+                    let base = (iy - 2) * sw + ix - 2;
+                    srcs.map(|src| taps(&src[base..base + 5 * sw + 6], sw, &wx, &wy))
+                },
+            )
+        } else {
+            let sw = self.sw;
+            self.band_with(
+                y0,
+                w,
+                band,
+                0,
+                3,
+                move |srcs: &[&[f32]; N], ix, iy, fx, fy| {
+                    let base = iy * sw + ix;
+                    srcs.map(|src| bilinear(&src[base..base + sw + 2], sw, fx, fy))
+                },
+            )
+        }
+    }
+
+    /// `band` with one sampler; a sample point is used when it lies `before` px after the first
+    /// and `after` px before the last row and column (and at least 2 px inside, as always).
+    fn band_with(
+        &self,
+        y0: usize,
+        w: usize,
+        mut band: Vec<&mut [f32]>,
+        before: usize,
+        after: usize,
+        sample: impl Fn(&[&[f32]; N], usize, usize, f32, f32) -> [f32; N],
+    ) {
         let Some(ok) = band.pop() else { return };
         let Ok(mut vals) = <[&mut [f32]; N]>::try_from(band) else {
             return;
         };
-        // Lanczos-3 reads 2 px before and 3 after the sample point
-        let (xmax, ymax) = (self.sw as f64 - 4.0, self.sh as f64 - 4.0);
+        let lo = before.max(2) as f64;
+        let (xmax, ymax) = (self.sw as f64 - after as f64, self.sh as f64 - after as f64);
         for (r, ok) in ok.chunks_exact_mut(w).enumerate() {
             let mut rows = vals.each_mut().map(|p| &mut p[r * w..][..w]);
             let (mut sx, mut sy) = self.m.apply(0.0, (y0 + r) as f64);
             for (x, valid) in ok.iter_mut().enumerate() {
-                let inside = (2.0..=xmax).contains(&sx) && (2.0..=ymax).contains(&sy);
+                let inside = (lo..=xmax).contains(&sx) && (lo..=ymax).contains(&sy);
                 *valid = if inside { 1.0 } else { 0.0 };
                 if inside {
                     let (ix, iy) = (sx as usize, sy as usize);
                     let (fx, fy) = ((sx - ix as f64) as f32, (sy - iy as f64) as f32);
-                    for (row, src) in rows.iter_mut().zip(self.src) {
-                        row[x] = if self.cubic {
-                            let base = (iy - 2) * self.sw + ix - 2;
-                            let block = &src[base..base + 5 * self.sw + 6];
-                            taps(block, self.sw, &lanczos3(fx), &lanczos3(fy))
-                        } else {
-                            let base = iy * self.sw + ix;
-                            bilinear(&src[base..base + self.sw + 2], self.sw, fx, fy)
-                        };
+                    let v = sample(&self.src, ix, iy, fx, fy);
+                    for (row, v) in rows.iter_mut().zip(v) {
+                        row[x] = v;
                     }
                 } else {
                     rows.iter_mut().for_each(|row| row[x] = 0.0);
