@@ -13,8 +13,8 @@ use crate::Frame;
 
 pub const NF: usize = 39;
 /// Feature indices of the bank group (colour, blurs, bias) and of the position group.
-pub const BANK: std::ops::Range<usize> = 0..19;
-pub const POSITION: std::ops::Range<usize> = 19..NF;
+pub const BANK: std::ops::Range<usize> = 0..BIAS + 1;
+pub const POSITION: std::ops::Range<usize> = BIAS + 1..NF;
 const BIAS: usize = 18;
 /// Blurs the residual stage adds to G's (sigma 1.5 and 6); sigma 12 runs at quarter resolution.
 const SIGMA_FINE: f32 = 1.0;
@@ -102,10 +102,19 @@ fn coord(i: usize, n: usize) -> f32 {
 #[inline]
 pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: &mut [f32; NF]) {
     let rgb = colour_features(f, g, planes, y * f.width + x, out);
-    let pos: &mut [f32; POSITION_LEN] = (&mut out[POSITION])
-        .try_into()
-        .unwrap_or_else(|_| unreachable!());
-    position(coord(x, f.width), coord(y, f.height), rgb, pos);
+    position(
+        coord(x, f.width),
+        coord(y, f.height),
+        rgb,
+        position_slot(out),
+    );
+}
+
+/// The position group's part of a feature vector.
+#[inline]
+fn position_slot(out: &mut [f32; NF]) -> &mut [f32; POSITION_LEN] {
+    let (_, pos) = out.split_at_mut(POSITION.start);
+    pos.try_into().unwrap_or_else(|_| unreachable!())
 }
 
 /// The bank group's features of pixel i (colour, blurs, bias); returns the colour.
@@ -119,7 +128,7 @@ fn colour_features(
 ) -> [f32; 3] {
     let n = f.width * f.height;
     let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
-    out[..19].fill(0.0);
+    out[BANK].fill(0.0);
     out[..3].copy_from_slice(&rgb);
     for c in 0..3 {
         out[6 + c] = g.planes[0][c][i];
@@ -137,7 +146,7 @@ fn colour_features(
 }
 
 /// Features of the position group.
-pub const POSITION_LEN: usize = NF - 19;
+pub const POSITION_LEN: usize = NF - POSITION.start;
 
 /// The position terms at normalised coordinates (u, v) for colour `rgb`.
 #[inline]
@@ -174,10 +183,7 @@ pub fn apply(out: &mut Frame, src: &Frame, g: &Blurs, w: &[f32], threads: usize)
             for x in 0..width {
                 let rgb = colour_features(src, g, &planes, (y0 + dy) * width + x, &mut phi);
                 if with_position {
-                    let pos: &mut [f32; POSITION_LEN] = (&mut phi[POSITION])
-                        .try_into()
-                        .unwrap_or_else(|_| unreachable!());
-                    position(coord(x, width), v, rgb, pos);
+                    position(coord(x, width), v, rgb, position_slot(&mut phi));
                 }
                 for (o, wc) in row[3 * x..3 * x + 3].iter_mut().zip(&wt) {
                     *o = wc.iter().zip(&phi).map(|(a, b)| a * b).sum();

@@ -16,6 +16,7 @@ use super::bank::{self, NF};
 use super::filterbank::{Blurs, pixel_at};
 use super::model::{CK, K, LBINS};
 use crate::Frame;
+use crate::store::PartGains;
 
 const TONE_P: usize = LBINS * K;
 /// Unknowns per output channel: the tone offset, then the residual stage's weights.
@@ -102,16 +103,6 @@ pub struct Accumulator {
     tiles: Vec<Normal>,
 }
 
-/// Validated gains in dB over doing nothing; 0 for a part not kept.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Gains {
-    pub total: f32,
-    pub hypernet: f32,
-    pub tone: f32,
-    pub bank: f32,
-    pub position: f32,
-}
-
 /// The chosen template parts for one direction.
 pub struct Selection {
     pub base: Base,
@@ -119,7 +110,9 @@ pub struct Selection {
     pub tone: Option<Vec<f32>>,
     /// The residual stage's weights (`NF x 3`), or empty.
     pub residual: Vec<f32>,
-    pub gains: Gains,
+    /// Validated gain in dB over doing nothing, in all and per part (0 for a part not kept).
+    pub gain_db: f32,
+    pub part_gains_db: PartGains,
     /// PSNR of the chosen fit on all its pairs.
     pub fit_psnr_db: f32,
     /// With two or more pairs: mean PSNR on each pair when fitted on the others.
@@ -187,8 +180,7 @@ impl Accumulator {
             Base::Hypernet => Base::Identity,
             Base::Identity => Base::Hypernet,
         };
-        let gains = Gains {
-            total: gain_db(scores.identity(), best) as f32,
+        let part_gains_db = PartGains {
             hypernet: if base == Base::Hypernet {
                 gain_db(scores.best_of_base(other), best) as f32
             } else {
@@ -208,7 +200,8 @@ impl Accumulator {
             base,
             tone,
             residual,
-            gains,
+            gain_db: gain_db(scores.identity(), best) as f32,
+            part_gains_db,
             fit_psnr_db: psnr(fit_err, all.n),
             heldout_pair_psnr_db: self.heldout_pairs(base, set, lam),
         })

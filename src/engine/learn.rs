@@ -8,7 +8,7 @@
 use super::align::{self, Registration, Similarity};
 use super::fit::{self, Base, Selection};
 use super::{Engine, Learned, bank, card, filterbank, quality, slice};
-use crate::store::{Card, PairRegistration, PartGains};
+use crate::store::{Card, PairRegistration};
 use crate::{Error, Frame, Result};
 
 impl Engine {
@@ -156,7 +156,6 @@ impl Engine {
             ch.saturation += c.saturation / np;
             ch.sharpness += c.sharpness / np;
         }
-        let g = fwd.map(|s| s.gains).unwrap_or_default();
         Card {
             exposure_ev: ch.exposure_ev,
             wb_shift: ch.wb_shift,
@@ -167,14 +166,9 @@ impl Engine {
             self_psnr_db: fwd.map_or(0.0, |s| s.fit_psnr_db),
             pairs: pairs.len() as u32,
             fit_used: fwd.is_some_and(|s| s.tone.is_some() || !s.residual.is_empty()),
-            validated_gain_db: fwd.map(|s| s.gains.total),
-            reverse_gain_db: rev.map(|s| s.gains.total),
-            part_gains_db: PartGains {
-                hypernet: g.hypernet,
-                tone: g.tone,
-                bank: g.bank,
-                position: g.position,
-            },
+            validated_gain_db: fwd.map(|s| s.gain_db),
+            reverse_gain_db: rev.map(|s| s.gain_db),
+            part_gains_db: fwd.map(|s| s.part_gains_db).unwrap_or_default(),
             heldout_pair_psnr_db: fwd.and_then(|s| s.heldout_pair_psnr_db),
             registration: regs
                 .iter()
