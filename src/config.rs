@@ -47,7 +47,9 @@ pub struct StationConfig {
     pub status_interval_s: u64,
     /// Largest accepted command payload (images travel base64 inside commands).
     pub max_payload_bytes: usize,
-    /// systemd watchdog: the pipeline must make progress within this many seconds.
+    /// systemd watchdog timeout, 1 to 3600 s: told to systemd at start-up, unless systemd set
+    /// its own (`WatchdogSec=` in the unit or a drop-in), which wins. The pings stop, and
+    /// systemd restarts the service, when the pipeline makes no progress for half of it.
     pub watchdog_s: u64,
 }
 
@@ -276,6 +278,10 @@ impl Config {
                 "station",
                 "watchdog_s and status_interval_s must be at least 1",
             );
+        }
+        // systemd takes the timeout as a 32-bit count of microseconds (71 minutes at most)
+        if st.watchdog_s > 3600 {
+            return bad("station.watchdog_s", "must be at most 3600 (one hour)");
         }
         if self.outbox.max_entries == 0 {
             return bad("outbox.max_entries", "must be at least 1");

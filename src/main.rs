@@ -8,8 +8,8 @@ use clap::{Parser, Subcommand};
 
 use takumi::capture::load_image;
 use takumi::config::Config;
-use takumi::engine::{Engine, Precision};
-use takumi::publish::file::{ImageKind, PendingFile, encode};
+use takumi::engine::{Engine, LearnOptions, Precision, Prior};
+use takumi::publish::file::{Batch, ImageKind, PendingFile, encode};
 use takumi::store::{SourcePair, THUMB_SIDE, TemplateName, TemplateStore};
 use takumi::{Error, Frame};
 
@@ -36,6 +36,12 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PriorArg {
+    Zero,
+    Hypernet,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Learn a template from one or more before/after pairs of the same edit.
@@ -46,6 +52,13 @@ enum Cmd {
         after: Vec<PathBuf>,
         #[arg(long)]
         name: String,
+        /// What the fit falls back on where the pair says nothing: H(A, A')'s template, or zero
+        /// (the same fit without the hypernetwork, for ablation).
+        #[arg(long, value_enum, default_value_t = PriorArg::Hypernet)]
+        prior: PriorArg,
+        /// Ablation: no closed-form fit, the template is H(A, A') alone.
+        #[arg(long)]
+        no_fit: bool,
     },
     /// Apply a template to an image or to every image in a folder.
     Apply {
@@ -94,6 +107,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    takumi::engine::kernels::log_chosen();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -122,7 +136,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             before,
             after,
             name,
-        } => learn(&cfg, &before, &after, &name),
+            prior,
+            no_fit,
+        } => {
+            let opts = LearnOptions {
+                prior: match prior {
+                    PriorArg::Zero => Prior::Zero,
+                    PriorArg::Hypernet => Prior::Hypernet,
+                },
+                closed_form: !no_fit,
+            };
+            learn(&cfg, &before, &after, &name, opts)
+        }
         Cmd::Apply {
             template,
             input,
@@ -184,7 +209,13 @@ fn thumb_rgb8(f: &Frame) -> Vec<u8> {
     .to_rgb8()
 }
 
-fn learn(cfg: &Config, before: &[PathBuf], after: &[PathBuf], name: &str) -> anyhow::Result<()> {
+fn learn(
+    cfg: &Config,
+    before: &[PathBuf],
+    after: &[PathBuf],
+    name: &str,
+    opts: LearnOptions,
+) -> anyhow::Result<()> {
     let name = TemplateName::new(name)?;
     if before.len() != after.len() {
         bail!(
@@ -222,7 +253,7 @@ fn learn(cfg: &Config, before: &[PathBuf], after: &[PathBuf], name: &str) -> any
     }
     let eng = engine(cfg)?;
     let t0 = std::time::Instant::now();
-    let learned = eng.learn(&pairs)?;
+    let learned = eng.learn_with(&pairs, opts)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     let created_unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -258,6 +289,9 @@ fn is_image(p: &Path) -> bool {
     p.is_file() && ImageKind::from_path(p).is_some()
 }
 
+/// All or nothing: every input is read before anything is written (each unreadable one is
+/// named), outputs go to temporary names and are renamed into place only when all of them
+/// were made; on any failure no new file or folder is left behind.
 fn apply(
     cfg: &Config,
     template: &str,
@@ -277,55 +311,120 @@ fn apply(
         }
         .into());
     }
-    // (input, output) jobs; a folder input needs a folder output
-    let jobs: Vec<(PathBuf, PathBuf)> = if input.is_dir() {
-        if output.exists() && !output.is_dir() {
-            bail!(
-                "{}: input is a folder, so the output must be a folder",
-                output.display()
-            );
-        }
-        let mut v: Vec<PathBuf> = std::fs::read_dir(input)
-            .with_context(|| format!("{}: cannot list folder", input.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_image(p))
-            .collect();
-        v.sort();
-        if v.is_empty() {
-            bail!("{}: no PNG or JPEG images in the folder", input.display());
-        }
-        v.into_iter()
-            .map(|p| {
-                let o = output.join(p.file_name().unwrap_or_default());
-                (p, o)
-            })
-            .collect()
+    let jobs = apply_jobs(input, output)?;
+    let unreadable: Vec<Error> = jobs
+        .iter()
+        .filter_map(|(i, _)| load_image(i, &cfg.limits).err())
+        .collect();
+    report_failures(jobs.len(), unreadable)?;
+    let made = if input.is_dir() {
+        create_dirs(output)?
     } else {
+        Vec::new()
+    };
+    let lines = render(cfg, &eng, &t, reverse, &jobs).and_then(|(batch, lines)| {
+        batch.commit()?;
+        Ok(lines)
+    });
+    match lines {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            Ok(())
+        }
+        Err(e) => {
+            // innermost first; a folder that is not empty is kept
+            made.iter().for_each(|d| drop(std::fs::remove_dir(d)));
+            Err(e.into())
+        }
+    }
+}
+
+/// (input, output) pairs: a folder input gives every image in it, to the same names in the
+/// output folder.
+fn apply_jobs(input: &Path, output: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
+    if !input.is_dir() {
         if ImageKind::from_path(output).is_none() {
             bail!(
                 "{}: output must end in .png, .jpg or .jpeg",
                 output.display()
             );
         }
-        vec![(input.to_path_buf(), output.to_path_buf())]
-    };
-    // every input is checked before anything is written
-    for (i, _) in &jobs {
-        load_image(i, &cfg.limits)?;
+        return Ok(vec![(input.to_path_buf(), output.to_path_buf())]);
     }
-    if input.is_dir() {
-        std::fs::create_dir_all(output).map_err(|e| Error::Output {
-            path: output.into(),
-            reason: e.to_string(),
-        })?;
+    if output.exists() && !output.is_dir() {
+        bail!(
+            "{}: input is a folder, so the output must be a folder",
+            output.display()
+        );
     }
-    let mut pending = Vec::with_capacity(jobs.len());
+    let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("{}: cannot list folder", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_image(p))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("{}: no PNG or JPEG images in the folder", input.display());
+    }
+    Ok(v.into_iter()
+        .map(|p| {
+            let o = output.join(p.file_name().unwrap_or_default());
+            (p, o)
+        })
+        .collect())
+}
+
+/// One error line that names every failed input, or Ok when none failed.
+fn report_failures(total: usize, mut failed: Vec<Error>) -> anyhow::Result<()> {
+    match failed.len() {
+        0 => Ok(()),
+        1 if total == 1 => Err(failed.remove(0).into()),
+        n => {
+            let each: Vec<String> = failed.iter().map(|e| e.to_string()).collect();
+            bail!(
+                "{n} of {total} inputs failed, nothing was written: {}",
+                each.join("; ")
+            )
+        }
+    }
+}
+
+/// Creates `dir` and its missing parents; returns those it made, innermost first.
+fn create_dirs(dir: &Path) -> takumi::Result<Vec<PathBuf>> {
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(dir).map_err(|e| Error::Output {
+        path: dir.into(),
+        reason: e.to_string(),
+    })?;
+    Ok(missing)
+}
+
+/// Applies the template to every input, each result written to a temporary file of the
+/// batch; returns the batch and the lines to print once it is in place.
+fn render(
+    cfg: &Config,
+    eng: &Engine,
+    t: &takumi::store::Template,
+    reverse: bool,
+    jobs: &[(PathBuf, PathBuf)],
+) -> takumi::Result<(Batch, Vec<String>)> {
+    let mut batch = Batch::default();
     let mut lines = Vec::with_capacity(jobs.len());
-    for (i, o) in &jobs {
+    for (i, o) in jobs {
         let (frame, _) = load_image(i, &cfg.limits)?;
-        let out = eng.apply_edit(t.edit(reverse), &frame)?;
+        // errors that are not about a file say which input they came from
+        let out = eng
+            .apply_edit(t.edit(reverse), &frame)
+            .map_err(|e| match e {
+                Error::Invalid(m) => Error::Invalid(format!("{}: {m}", i.display())),
+                other => other,
+            })?;
         let kind = ImageKind::from_path(o).unwrap_or(ImageKind::Png);
-        pending.push(PendingFile::write(o, &encode(&out, kind)?)?);
+        batch.push(PendingFile::write(o, &encode(&out, kind)?)?);
         let score = eng.score(t.gate_hist(reverse), &frame);
         let flag = if cfg.quality.needs_review(score, &t.card, reverse) {
             " needs_review"
@@ -338,13 +437,7 @@ fn apply(
             o.display()
         ));
     }
-    for p in pending {
-        p.commit()?;
-    }
-    for l in lines {
-        println!("{l}");
-    }
-    Ok(())
+    Ok((batch, lines))
 }
 
 fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {

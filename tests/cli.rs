@@ -287,3 +287,165 @@ fn config_errors_name_the_key() {
     );
     assert!(err.contains("quality.review_threshold"), "{err}");
 }
+
+/// Copies of the sample captures as `names` in a new folder `dir`.
+fn captures_as(dir: &Path, names: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let caps = ["astronaut.jpg", "chelsea.jpg", "rocket.jpg"];
+    for (n, c) in names.iter().zip(caps.iter().cycle()) {
+        std::fs::copy(samples().join("captures").join(c), dir.join(n)).unwrap();
+    }
+}
+
+fn apply_folder(store: &Path, input: &Path, output: &Path) -> std::process::Command {
+    let mut c = takumi(store);
+    c.args(["apply", "--template", "warm", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output);
+    c
+}
+
+#[test]
+fn folder_apply_is_all_or_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    learn_sample(&store, "warm");
+
+    // good images around a corrupt and a truncated one: both named, nothing written, not even
+    // the output folders
+    let inputs = d.path().join("in");
+    captures_as(&inputs, &["a.jpg", "c.jpg", "e.jpg"]);
+    std::fs::write(inputs.join("b.png"), b"not an image").unwrap();
+    let jpeg = std::fs::read(samples().join("captures/rocket.jpg")).unwrap();
+    std::fs::write(inputs.join("d.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let fresh = d.path().join("new/out");
+    let err = run_err(&mut apply_folder(&store, &inputs, &fresh));
+    for want in [
+        "2 of 5 inputs failed",
+        "b.png",
+        "d.jpg",
+        "nothing was written",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    assert!(!d.path().join("new").exists(), "output folders were left");
+
+    // an existing output folder keeps its files as they were
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("a.jpg"), b"yesterday's result").unwrap();
+    std::fs::write(out.join("notes.txt"), b"kept").unwrap();
+    let before = snapshot(&out);
+    run_err(&mut apply_folder(&store, &inputs, &out));
+    assert_eq!(snapshot(&out), before, "the output folder changed");
+
+    // every input good, but one output cannot be put in place (a folder holds its name): the
+    // outputs renamed before it are taken back, the replaced one restored
+    let good = d.path().join("good");
+    captures_as(&good, &["a.jpg", "b.jpg", "c.jpg"]);
+    std::fs::create_dir_all(out.join("b.jpg/inside")).unwrap();
+    let before = snapshot(&out);
+    let err = run_err(&mut apply_folder(&store, &good, &out));
+    assert!(
+        err.contains(&out.join("b.jpg").display().to_string()),
+        "{err}"
+    );
+    assert_eq!(snapshot(&out), before, "a failed batch left files behind");
+
+    // once it can, the whole batch lands, replacing the old result, with no leftovers
+    std::fs::remove_dir_all(out.join("b.jpg")).unwrap();
+    let text = run_ok(&mut apply_folder(&store, &good, &out));
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let names: Vec<String> = snapshot(&out).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["a.jpg", "b.jpg", "c.jpg", "notes.txt"]);
+    for n in ["a.jpg", "b.jpg", "c.jpg"] {
+        takumi::capture::load_image(&out.join(n), &Default::default()).unwrap();
+    }
+}
+
+/// Byte range of tensor `name`'s data inside a safetensors body.
+fn tensor_range(body: &[u8], name: &str) -> std::ops::Range<usize> {
+    let n = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&body[8..8 + n]).unwrap();
+    let at = |k: usize| 8 + n + header[name]["data_offsets"][k].as_u64().unwrap() as usize;
+    at(0)..at(1)
+}
+
+/// Writes `pristine` (a template file) with `edit` applied to its safetensors body, under a
+/// recomputed checksum: a crafted file that passes the integrity check.
+fn craft(file: &Path, pristine: &[u8], edit: impl FnOnce(&mut Vec<u8>)) {
+    let mut body = pristine[..pristine.len() - 32].to_vec();
+    edit(&mut body);
+    let sum = blake3::hash(&body);
+    body.extend_from_slice(sum.as_bytes());
+    std::fs::write(file, body).unwrap();
+}
+
+fn fill_f32(body: &mut [u8], name: &str, value: f32, count: Option<usize>) {
+    let r = tensor_range(body, name);
+    let n = count.unwrap_or(r.len() / 4);
+    for w in body[r].chunks_exact_mut(4).take(n) {
+        w.copy_from_slice(&value.to_le_bytes());
+    }
+}
+
+#[test]
+fn crafted_template_files_are_refused_not_panicked_on() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    learn_sample(&store, "warm");
+    let file = store.join("warm.tkt");
+    let pristine = std::fs::read(&file).unwrap();
+    let hash = TemplateStore::open(&store)
+        .unwrap()
+        .load(&TemplateName::new("warm").unwrap())
+        .unwrap()
+        .sources[0]
+        .before_blake3
+        .clone();
+    let cap = samples().join("captures/rocket.jpg");
+    let out = d.path().join("out.png");
+    type Edit = Box<dyn FnOnce(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        // the same byte length as the hex digest, so every offset stays right; `templates
+        // show` used to panic slicing it
+        (
+            "before_blake3",
+            Box::new(move |b| {
+                let at = b.windows(64).position(|w| w == hash.as_bytes()).unwrap();
+                b[at..at + 64].copy_from_slice("é".repeat(32).as_bytes());
+            }),
+        ),
+        (
+            "not a finite",
+            Box::new(|b| fill_f32(b, "delta", f32::NAN, Some(1))),
+        ),
+        (
+            "beyond the bound",
+            Box::new(|b| fill_f32(b, "delta", 1e30, Some(1))),
+        ),
+        (
+            "source_hist",
+            Box::new(|b| fill_f32(b, "source_hist", 0.0, None)),
+        ),
+    ];
+    for (needle, edit) in cases {
+        craft(&file, &pristine, edit);
+        let err = run_err(takumi(&store).args(["templates", "show", "warm"]));
+        assert!(err.contains("warm.tkt") && err.contains(needle), "{err}");
+        let list = run_ok(takumi(&store).args(["templates", "list"]));
+        assert!(
+            list.contains("UNREADABLE") && list.contains(needle),
+            "{list}"
+        );
+        apply_fails(&store, "warm", &cap, &out, needle);
+    }
+    // a LoRA vector at the store's bound loads, but drives the model out of range: apply
+    // refuses it rather than writing NaN pixels (black)
+    craft(&file, &pristine, |b| {
+        fill_f32(b, "delta", takumi::store::template::MAX_DELTA_ABS, None)
+    });
+    run_ok(takumi(&store).args(["templates", "show", "warm"]));
+    apply_fails(&store, "warm", &cap, &out, "out of range");
+}

@@ -254,3 +254,34 @@ fn unrelated_images_do_not_register_and_the_card_says_so() {
     );
     t.encode().unwrap();
 }
+
+/// The ablation switches do what they say: with a zero prior an unregistered pair gives the
+/// identity template (no hypernetwork anywhere), with H's prior it gives H(A, A'), and with no
+/// closed-form fit a registered pair gives H(A, A') alone.
+#[test]
+fn the_prior_is_the_hypernetwork_or_nothing() {
+    use takumi::engine::{LearnOptions, Prior};
+    let e = engine();
+    let a = img("pair_before.jpg");
+    let other = img("captures/rocket.jpg").resized(a.width, a.height);
+    let opts = |prior, closed_form| LearnOptions { prior, closed_form };
+    let zero = e
+        .learn_with(&[(a.clone(), other.clone())], opts(Prior::Zero, true))
+        .unwrap();
+    assert!(zero.delta.iter().all(|v| *v == 0.0) && zero.residual.is_empty());
+    assert!(zero.reverse_delta.iter().all(|v| *v == 0.0));
+    let hyper = e
+        .learn_with(&[(a.clone(), other)], opts(Prior::Hypernet, true))
+        .unwrap();
+    assert!(hyper.delta.iter().any(|v| *v != 0.0));
+
+    let after = img("pair_after.jpg");
+    let alone = e
+        .learn_with(&[(a.clone(), after.clone())], opts(Prior::Hypernet, false))
+        .unwrap();
+    let fitted = e.learn(&[(a, after)]).unwrap();
+    assert_eq!(alone.card.validated_gain_db, None);
+    assert!(alone.residual.is_empty());
+    assert!(fitted.card.validated_gain_db.is_some());
+    assert!(alone.card.registration[0].registered);
+}

@@ -5,9 +5,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use takumi::capture::load_image;
+use takumi::engine::quality::HIST;
+use takumi::engine::{Edit, Engine, Precision};
 use takumi::store::{
     Card, PairRegistration, PartGains, SourcePair, StoreError, THUMB_BYTES, Template, TemplateName,
-    TemplateStore, template::RESIDUAL_LEN,
+    TemplateStore,
+    template::{MAX_DELTA_ABS, MAX_RESIDUAL_ABS, RESIDUAL_LEN},
 };
 
 const CRASH_CHILD_ENV: &str = "TAKUMI_STORE_CHILD_DIR";
@@ -80,9 +86,16 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
             Vec::new()
         },
         reverse_residual: Vec::new(),
-        target_hist: (0..56).map(|i| (56 - i) as f32 / 56.0).collect(),
-        source_hist: (0..56).map(|i| i as f32 / 56.0).collect(),
+        target_hist: ramp(|i| (HIST - i) as f32),
+        source_hist: ramp(|i| i as f32),
     }
+}
+
+/// A quality-gate histogram (a distribution over HIST cells) shaped by `f`.
+fn ramp(f: impl Fn(usize) -> f32) -> Vec<f32> {
+    let v: Vec<f32> = (0..HIST).map(f).collect();
+    let sum: f32 = v.iter().sum();
+    v.iter().map(|x| x / sum).collect()
 }
 
 fn new_store() -> (tempfile::TempDir, TemplateStore) {
@@ -158,9 +171,9 @@ fn round_trip_save_load_list_remove() {
 }
 
 #[test]
-fn bytes_round_trip_with_zero_pairs_and_empty_vectors() {
-    let mut t = sample("empty", 0, 0, 3);
-    t.source_hist.clear();
+fn bytes_round_trip_with_zero_pairs_and_no_residual_stage() {
+    let mut t = sample("empty", 0, 1, 3);
+    t.residual.clear();
     let bytes = t.to_bytes();
     assert!(!bytes.is_empty());
     assert_eq!(Template::from_bytes(&bytes).unwrap(), t);
@@ -332,6 +345,11 @@ fn f32s(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// A valid histogram tensor: uniform over the HIST cells.
+fn hist_tensor(name: &str) -> (&str, &'static str, Vec<usize>, Vec<u8>) {
+    (name, "F32", vec![HIST], f32s(&ramp(|_| 1.0)))
+}
+
 fn thumbs(pairs: usize) -> (&'static str, &'static str, Vec<usize>, Vec<u8>) {
     (
         "thumbs",
@@ -348,7 +366,7 @@ fn hand_built_files_with_valid_checksum() {
         Some(&ok_header),
         &[
             ("delta", "F32", vec![3], f32s(&[1.0, 2.0, 3.0])),
-            ("source_hist", "F32", vec![2], f32s(&[0.5, 0.5])),
+            hist_tensor("source_hist"),
             thumbs(1),
         ],
     );
@@ -365,7 +383,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F32", vec![3], f32s(&[1.0, f32::NAN, 3.0])),
-                    ("source_hist", "F32", vec![2], f32s(&[0.5, 0.5])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -376,7 +394,11 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[f32::INFINITY])),
+                    ("source_hist", "F32", vec![HIST], {
+                        let mut h = ramp(|_| 1.0);
+                        h[HIST - 1] = f32::INFINITY;
+                        f32s(&h)
+                    }),
                     thumbs(1),
                 ],
             ),
@@ -387,7 +409,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F64", vec![1], 1.0f64.to_le_bytes().to_vec()),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -398,7 +420,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F32", vec![2, 1], f32s(&[1.0, 2.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -409,7 +431,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(2),
                 ],
             ),
@@ -420,7 +442,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&header_json(1, "hand", 3)),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(0),
                 ],
             ),
@@ -431,7 +453,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                 ],
             ),
         ),
@@ -442,7 +464,7 @@ fn hand_built_files_with_valid_checksum() {
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
                     ("extra", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -453,7 +475,7 @@ fn hand_built_files_with_valid_checksum() {
                 None,
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -464,7 +486,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header.replacen('{', "{\"extra\":1,", 1)),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -475,7 +497,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&header_json(1, "../etc", 1)),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -486,7 +508,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header.replace("38.5", "1e300")),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -497,7 +519,7 @@ fn hand_built_files_with_valid_checksum() {
                 Some(&ok_header.replace("\"format_version\":1,", "")),
                 &[
                     ("delta", "F32", vec![1], f32s(&[1.0])),
-                    ("source_hist", "F32", vec![1], f32s(&[1.0])),
+                    hist_tensor("source_hist"),
                     thumbs(1),
                 ],
             ),
@@ -636,6 +658,290 @@ fn invalid_template_is_refused_and_old_one_kept() {
     assert_eq!(file_names(store.dir()), ["keep.tkt"]);
 }
 
+/// The version 2 file of `t` laid out as the encoder would, but without its checks, and with
+/// a valid checksum: what a crafted file looks like.
+fn crafted(t: &Template) -> Vec<u8> {
+    seal(crafted_body(t))
+}
+
+fn crafted_body(t: &Template) -> Vec<u8> {
+    let header = serde_json::json!({
+        "format_version": 2,
+        "name": t.name,
+        "model_hash": t.model_hash,
+        "created_unix": t.created_unix,
+        "sources": t.sources,
+        "card": t.card,
+    })
+    .to_string();
+    let thumbs: Vec<u8> = t
+        .sources
+        .iter()
+        .flat_map(|s| [s.thumb_before.as_slice(), &s.thumb_after].concat())
+        .collect();
+    let floats = |n, v: &[f32]| (n, "F32", vec![v.len()], f32s(v));
+    st_body(
+        Some(&header),
+        &[
+            floats("delta", &t.delta),
+            floats("reverse_delta", &t.reverse_delta),
+            floats("residual", &t.residual),
+            floats("reverse_residual", &t.reverse_residual),
+            floats("target_hist", &t.target_hist),
+            floats("source_hist", &t.source_hist),
+            ("thumbs", "U8", vec![t.sources.len(), 2, 64, 64, 3], thumbs),
+        ],
+    )
+}
+
+/// Every file of `dir` with its bytes.
+fn dir_state(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    file_names(dir)
+        .into_iter()
+        .map(|f| {
+            let bytes = fs::read(dir.join(&f)).unwrap();
+            (f, bytes)
+        })
+        .collect()
+}
+
+type Tweak = fn(&mut Template);
+
+/// Crafted templates, each with one defect, and a word the refusal must contain.
+fn crafted_cases() -> Vec<(&'static str, Tweak, &'static str)> {
+    vec![
+        (
+            "empty source_hist",
+            |t| t.source_hist.clear(),
+            "source_hist) has 0 values, expected 56",
+        ),
+        (
+            "short target_hist",
+            |t| t.target_hist.truncate(10),
+            "target_hist) has 10 values",
+        ),
+        (
+            "all-zero histogram",
+            |t| t.source_hist.fill(0.0),
+            "sums to 0",
+        ),
+        (
+            "negative histogram cell",
+            |t| {
+                t.source_hist[0] -= 0.5;
+                t.source_hist[1] += 0.5;
+            },
+            "negative",
+        ),
+        (
+            "NaN in delta",
+            |t| t.delta[7] = f32::NAN,
+            "value 7 of the template vector (delta) is not a finite",
+        ),
+        ("huge delta", |t| t.delta[3] = 1e30, "beyond the bound"),
+        (
+            "infinite residual",
+            |t| t.residual[0] = f32::INFINITY,
+            "residual stage is not a finite",
+        ),
+        (
+            "huge reverse residual",
+            |t| t.reverse_residual = vec![2e3; RESIDUAL_LEN],
+            "reverse residual stage is 2e3, beyond",
+        ),
+        (
+            "short residual",
+            |t| t.residual.truncate(100),
+            "residual has 100 values",
+        ),
+        (
+            "short reverse_delta",
+            |t| {
+                t.reverse_delta.pop();
+            },
+            "reverse_delta has 99",
+        ),
+        (
+            "empty delta",
+            |t| {
+                t.delta.clear();
+                t.reverse_delta.clear();
+            },
+            "delta) is empty",
+        ),
+        (
+            "huge card field",
+            |t| t.card.contrast = 1e20,
+            "card field contrast",
+        ),
+        // (JSON has no NaN: serde writes null, refused as a type error like any other)
+        (
+            "huge registration",
+            |t| t.card.registration[0].scale = -1e7,
+            "registration.scale",
+        ),
+        (
+            "pairs miscounted",
+            |t| t.card.pairs = 5,
+            "1 source pairs for the 5 pairs",
+        ),
+        (
+            "extra registration",
+            |t| t.card.registration.push(PairRegistration::default()),
+            "2 registrations for the 1 pairs",
+        ),
+        (
+            "non-hex model hash",
+            |t| t.model_hash = "é".repeat(8),
+            "model_hash must be 1 to 64 lowercase hex",
+        ),
+        (
+            "empty model hash",
+            |t| t.model_hash.clear(),
+            "model_hash must be",
+        ),
+        (
+            "huge source hash",
+            |t| t.sources[0].before_blake3 = "a".repeat(100_000),
+            "before_blake3 must be",
+        ),
+    ]
+}
+
+#[test]
+fn crafted_files_with_valid_checksums_are_refused_and_leave_the_store_alone() {
+    let good = sample("victim", 1, 100, 14);
+    // the crafting itself is faithful: an untouched template reads back equal
+    assert_eq!(Template::from_bytes(&crafted(&good)).unwrap(), good);
+    let (_tmp, store) = new_store();
+    store.save(&good).unwrap();
+    store.save(&sample("other", 2, 100, 15)).unwrap();
+    let before = dir_state(store.dir());
+    let path = store.path_of(&good.name);
+    for (what, tweak, needle) in crafted_cases() {
+        let mut t = good.clone();
+        tweak(&mut t);
+        let bytes = crafted(&t);
+        let reason = decode_reason(Template::from_bytes(&bytes));
+        assert!(
+            reason.contains(needle),
+            "{what}: want {needle:?} in {reason:?}"
+        );
+        assert!(
+            !reason.contains('\n') && reason.len() < 300,
+            "{what}: {reason:?}"
+        );
+        // the encoder runs the same checks, so no such file is ever written
+        assert!(
+            matches!(t.encode(), Err(StoreError::Invalid { .. })),
+            "{what}"
+        );
+
+        let err = store.install(&bytes).unwrap_err();
+        assert!(err.to_string().contains(needle), "{what}: {err}");
+        assert_eq!(dir_state(store.dir()), before, "{what}: the store changed");
+
+        // the same file put in place by hand is refused on load, naming the file
+        fs::write(&path, &bytes).unwrap();
+        let msg = store.load(&good.name).unwrap_err().to_string();
+        assert!(
+            msg.contains("victim.tkt") && msg.contains(needle),
+            "{what}: {msg}"
+        );
+        fs::write(
+            &path,
+            &before.iter().find(|(f, _)| f == "victim.tkt").unwrap().1,
+        )
+        .unwrap();
+    }
+    assert_eq!(store.load(&good.name).unwrap(), good);
+}
+
+#[test]
+fn header_that_is_not_utf8_is_refused() {
+    let mut t = sample("utf", 1, 10, 16);
+    t.model_hash = "abcdef".repeat(8);
+    let mut body = crafted_body(&t);
+    let at = body
+        .windows(6)
+        .position(|w| w == b"abcdef")
+        .expect("the model hash in the header");
+    body[at + 2] = 0xFF;
+    let reason = decode_reason(Template::from_bytes(&seal(body)));
+    assert!(reason.contains("not valid UTF-8"), "{reason}");
+}
+
+#[test]
+fn install_accepts_a_valid_file_and_replaces_atomically() {
+    let (_tmp, store) = new_store();
+    store.save(&sample("swap", 1, 100, 17)).unwrap();
+    let newer = sample("swap", 2, 100, 18);
+    assert_eq!(store.install(&crafted(&newer)).unwrap(), newer);
+    assert_eq!(store.load(&newer.name).unwrap(), newer);
+    assert_eq!(file_names(store.dir()), ["swap.tkt"]);
+}
+
+/// A template whose values sit at the store's bounds loads; applying it gives finite pixels or
+/// a clear error, never NaN (which would be written as black).
+#[test]
+fn values_at_the_bounds_never_give_nan_pixels() {
+    let eng = Engine::load(&common::models(), Precision::Float, 1).unwrap();
+    let cap = common::samples().join("captures/rocket.jpg");
+    let (frame, _) = load_image(&cap, &Default::default()).unwrap();
+    let n = eng.models.template_len;
+    let finite = |f: &takumi::Frame| f.data.iter().all(|v| v.is_finite());
+    let zeros = vec![0.0; n];
+    for w in [MAX_RESIDUAL_ABS, -MAX_RESIDUAL_ABS] {
+        let residual = vec![w; RESIDUAL_LEN];
+        let mut t = sample("bound", 1, n, 19);
+        (t.delta, t.residual) = (zeros.clone(), residual.clone());
+        Template::from_bytes(&t.to_bytes()).unwrap();
+        let edit = Edit {
+            delta: &zeros,
+            residual: &residual,
+        };
+        let out = eng.apply_edit(edit, &frame).unwrap();
+        assert!(finite(&out), "residual at {w}: non-finite pixels");
+    }
+    let alternating: Vec<f32> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                MAX_DELTA_ABS
+            } else {
+                -MAX_DELTA_ABS
+            }
+        })
+        .collect();
+    for (what, delta) in [("+bound", vec![MAX_DELTA_ABS; n]), ("±bound", alternating)] {
+        let mut t = sample("bound", 1, n, 20);
+        (t.delta, t.reverse_delta) = (delta.clone(), delta.clone());
+        Template::from_bytes(&t.to_bytes()).unwrap();
+        match eng.apply_edit(
+            Edit {
+                delta: &delta,
+                residual: &[],
+            },
+            &frame,
+        ) {
+            Ok(out) => assert!(finite(&out), "{what}: non-finite pixels"),
+            Err(e) => assert!(e.to_string().contains("out of range"), "{what}: {e}"),
+        }
+    }
+    // every LoRA factor at +bound multiplies up past f32 through the backbone's layers: only
+    // the engine's range check stands between it and NaN pixels
+    let all = vec![MAX_DELTA_ABS; n];
+    let err = eng
+        .apply_edit(
+            Edit {
+                delta: &all,
+                residual: &[],
+            },
+            &frame,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("out of range"), "{err}");
+}
+
 #[test]
 fn remove_missing_is_not_found() {
     let (_tmp, store) = new_store();
@@ -704,8 +1010,9 @@ fn open_removes_only_stale_temp_files() {
 fn crash_template(n: &str, seq: u64, len: usize) -> Template {
     let mut t = sample(n, 1, 0, 0);
     t.created_unix = seq;
+    // distinct per save, and within the store's bound on template values
     t.delta = (0..len)
-        .map(|i| (seq * 1000 + (i % 1000) as u64) as f32)
+        .map(|i| (seq % 997) as f32 * 0.5 + (i % 1000) as f32 * 1e-3)
         .collect();
     t.reverse_delta = t.delta.iter().map(|v| -v).collect();
     t

@@ -1,8 +1,10 @@
-//! The systemd unit, and the service's readiness and watchdog notifications caught on a real
-//! datagram socket at $NOTIFY_SOCKET.
+//! The systemd unit, the service's readiness and watchdog notifications caught on a real
+//! datagram socket at $NOTIFY_SOCKET, and every system call the real binary makes (traced with
+//! strace) checked against the unit's SystemCallFilter= as systemd-analyze expands it.
 
 mod common;
 
+use std::collections::{BTreeSet, HashMap};
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,7 +69,8 @@ fn unit_verifies_and_is_hardened() {
     let unit_text = std::fs::read_to_string(repo().join("systemd/takumi.service")).unwrap();
     for key in [
         "Type=notify",
-        "WatchdogSec=",
+        "IPAddressDeny=any",
+        "IPAddressAllow=localhost",
         "Restart=on-failure",
         "DynamicUser=yes",
         "StateDirectory=",
@@ -76,9 +79,19 @@ fn unit_verifies_and_is_hardened() {
     ] {
         assert!(unit_text.contains(key), "unit lacks {key}");
     }
+    // a fixed WatchdogSec= would override [station] watchdog_s; takumi sends the config's
+    let fixed = unit_text
+        .lines()
+        .any(|l| l.trim_start().starts_with("WatchdogSec="));
+    assert!(!fixed, "the unit fixes WatchdogSec=");
+    let guide = std::fs::read_to_string(repo().join("board/README.md")).unwrap();
+    assert!(
+        guide.contains("systemctl edit takumi") && guide.contains("IPAddressAllow="),
+        "board/README.md does not say how to allow the plant's broker"
+    );
 }
 
-fn station_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+fn station_config(dir: &std::path::Path, port: u16, watchdog_s: u64) -> std::path::PathBuf {
     let cfg = format!(
         r#"
 [engine]
@@ -88,7 +101,7 @@ threads = 1
 dir = "{dir}/store"
 [station]
 id = "wd"
-watchdog_s = 2
+watchdog_s = {watchdog_s}
 status_interval_s = 1
 [camera]
 kind = "synthetic"
@@ -124,30 +137,20 @@ fn pings(sock: &UnixDatagram, secs: f32) -> Vec<String> {
 #[test]
 fn ready_then_watchdog_pings_stop_when_the_pipeline_stalls() {
     let d = tempfile::tempdir().unwrap();
-    let sock_path = d.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let cfg = station_config(d.path(), port);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_takumi"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .env("NOTIFY_SOCKET", &sock_path)
+    let (sock_path, sock) = notify_socket(d.path());
+    let port = free_port();
+    let cfg = station_config(d.path(), port, 2);
+    let mut child = run_station(&cfg, &sock_path)
         .env("TAKUMI_TEST_STALL", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let first = pings(&sock, 10.0);
+    // with no watchdog from systemd, the config's is handed to it with READY
     assert!(
-        first.iter().any(|m| m.contains("READY=1")),
-        "no READY: {first:?}"
+        first
+            .iter()
+            .any(|m| m.contains("READY=1") && m.contains("WATCHDOG_USEC=2000000")),
+        "no READY with the config's watchdog: {first:?}"
     );
     assert!(
         first.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
@@ -186,5 +189,277 @@ fn ready_then_watchdog_pings_stop_when_the_pipeline_stalls() {
     assert!(
         !after.iter().any(|m| m.contains("WATCHDOG=1")),
         "pings went on while stalled: {after:?}"
+    );
+}
+
+/// `takumi run` with `cfg`, notifying `sock`, outside any systemd watchdog.
+fn run_station(cfg: &std::path::Path, sock: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_takumi"));
+    c.arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .env("NOTIFY_SOCKET", sock)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+fn notify_socket(dir: &std::path::Path) -> (std::path::PathBuf, UnixDatagram) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    (path, sock)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_watchdog_systemd_sets_wins_over_the_config() {
+    let d = tempfile::tempdir().unwrap();
+    let (sock_path, sock) = notify_socket(d.path());
+    // the config says 30 s (a ping every 10 s); systemd says 1.5 s (a ping every 0.5 s)
+    let cfg = station_config(d.path(), free_port(), 30);
+    let mut child = run_station(&cfg, &sock_path)
+        .env("WATCHDOG_USEC", "1500000")
+        .spawn()
+        .unwrap();
+    let msgs = pings(&sock, 6.0);
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = msgs
+        .iter()
+        .position(|m| m.contains("READY=1"))
+        .unwrap_or_else(|| panic!("no READY: {msgs:?}"));
+    assert!(
+        !msgs[ready].contains("WATCHDOG_USEC"),
+        "systemd's watchdog was overridden: {msgs:?}"
+    );
+    let after = msgs[ready..].iter().filter(|m| m.contains("WATCHDOG=1"));
+    assert!(
+        after.count() >= 4,
+        "pings do not follow WATCHDOG_USEC: {msgs:?}"
+    );
+}
+
+/// Which `systemd-analyze` and `strace` are missing, if any; under CI both must be there.
+fn missing_tools() -> Option<String> {
+    let missing: Vec<&str> = ["systemd-analyze", "strace"]
+        .into_iter()
+        .filter(|b| !have(b))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "missing under CI: {missing:?}"
+    );
+    Some(missing.join(", "))
+}
+
+/// Every group `systemd-analyze syscall-filter` lists, with its members (calls and groups).
+fn syscall_groups() -> HashMap<String, Vec<String>> {
+    let o = Command::new("systemd-analyze")
+        .arg("syscall-filter")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
+    let mut current = None;
+    // "@group" at the start of a line, then its members indented (and an indented "# what it
+    // is"); a "#" at the start of a line begins the calls that are in no group
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let item = line.trim();
+        if line.starts_with('@') {
+            current = Some(item.to_string());
+        } else if line.starts_with('#') {
+            current = None;
+        } else if let Some(g) = &current
+            && !item.is_empty()
+            && !item.starts_with('#')
+        {
+            groups.entry(g.clone()).or_default().push(item.into());
+        }
+    }
+    groups
+}
+
+fn expand(groups: &HashMap<String, Vec<String>>, item: &str, out: &mut BTreeSet<String>) {
+    match groups.get(item) {
+        Some(members) => members.iter().for_each(|m| expand(groups, m, out)),
+        None if item.starts_with('@') => panic!("systemd-analyze knows no group {item}"),
+        None => {
+            out.insert(item.to_string());
+        }
+    }
+}
+
+/// The calls the unit's `SystemCallFilter=` lines allow, read as systemd reads them: the
+/// first (an allow list) starts from `@default`, a later line adds, a `~` line takes away.
+fn allowed_syscalls(unit: &str, groups: &HashMap<String, Vec<String>>) -> BTreeSet<String> {
+    let mut allowed = BTreeSet::new();
+    expand(groups, "@default", &mut allowed);
+    let lines = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("SystemCallFilter="));
+    for (i, line) in lines.enumerate() {
+        let (deny, list) = match line.strip_prefix('~') {
+            Some(rest) => (true, rest),
+            None => (false, line),
+        };
+        assert!(
+            i > 0 || !deny,
+            "the first SystemCallFilter= must be an allow list"
+        );
+        let mut set = BTreeSet::new();
+        // an entry may carry its own errno (`name:EPERM`)
+        for item in list
+            .split_whitespace()
+            .map(|e| e.split(':').next().unwrap_or(e))
+        {
+            expand(groups, item, &mut set);
+        }
+        if deny {
+            allowed.retain(|c| !set.contains(c));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    allowed
+}
+
+/// The calls named in an `strace -c` summary.
+fn traced_calls(summary: &std::path::Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(summary).unwrap();
+    text.lines()
+        .skip_while(|l| !l.starts_with("------"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("------"))
+        .filter_map(|l| l.split_whitespace().last().map(String::from))
+        .collect()
+}
+
+fn strace(out: &std::path::Path) -> Command {
+    let mut c = Command::new("strace");
+    c.args(["-f", "-c", "-o"])
+        .arg(out)
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_takumi"));
+    c
+}
+
+/// `takumi demo` under strace: learn, apply, the embedded broker, MQTT, store, outbox, display.
+fn trace_demo(dir: &std::path::Path, sock: &std::path::Path) -> std::path::PathBuf {
+    let cfg = dir.join("demo.toml");
+    let text = format!(
+        "[engine]\nmodels = \"{}\"\nthreads = 2\n[station]\nid = \"sc\"\n\
+         [camera]\nkind = \"dir\"\npath = \"{}\"\nlooping = true\n\
+         [mqtt]\nport = 0\n[broker]\nembedded = true\n\
+         [display]\nkind = \"png\"\npath = \"{}\"\nwidth = 320\nheight = 240\n",
+        models().display(),
+        samples().join("captures").display(),
+        dir.join("display.png").display()
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let summary = dir.join("demo.strace");
+    let o = strace(&summary)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("demo")
+        .arg("--samples")
+        .arg(samples())
+        .arg("--out")
+        .arg(dir.join("demo-out"))
+        .current_dir(dir)
+        .env("NOTIFY_SOCKET", sock)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "takumi demo under strace failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    summary
+}
+
+/// `takumi run` under strace from start-up to a SIGTERM: the service's own paths (signals,
+/// readiness and watchdog notifications, shutdown).
+fn trace_run(
+    dir: &std::path::Path,
+    sock_path: &std::path::Path,
+    sock: &UnixDatagram,
+) -> std::path::PathBuf {
+    let summary = dir.join("run.strace");
+    let cfg = station_config(dir, free_port(), 2);
+    let child = strace(&summary)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("NOTIFY_SOCKET", sock_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // up and pinging (start-up under strace takes a few seconds), then stopped as systemd would
+    let mut msgs = Vec::new();
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && !msgs.iter().any(|m: &String| m.contains("WATCHDOG=1")) {
+        msgs.extend(pings(sock, 0.5));
+    }
+    msgs.extend(pings(sock, 1.5));
+    // strace's only child is takumi
+    let children = format!("/proc/{0}/task/{0}/children", child.id());
+    let pid = std::fs::read_to_string(children).unwrap_or_default();
+    let pid = pid.split_whitespace().next().map(String::from);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .args(pid.as_deref())
+        .status();
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        msgs.iter().any(|m| m.contains("READY=1")) && o.status.success(),
+        "takumi run under strace: {:?} {msgs:?} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    summary
+}
+
+#[test]
+fn every_syscall_takumi_makes_is_allowed_by_the_units_filter() {
+    if let Some(missing) = missing_tools() {
+        eprintln!("SKIPPED: {missing} not installed");
+        return;
+    }
+    let unit = std::fs::read_to_string(repo().join("systemd/takumi.service")).unwrap();
+    let allowed = allowed_syscalls(&unit, &syscall_groups());
+    // the expansion is what systemd does: privileged and resource calls are gone
+    assert!(allowed.contains("openat") && allowed.contains("connect"));
+    assert!(!allowed.contains("setrlimit") && !allowed.contains("mount"));
+    let d = tempfile::tempdir().unwrap();
+    let (sock_path, sock) = notify_socket(d.path());
+    let mut refused = Vec::new();
+    for summary in [
+        trace_demo(d.path(), &sock_path),
+        trace_run(d.path(), &sock_path, &sock),
+    ] {
+        let calls = traced_calls(&summary);
+        assert!(calls.len() > 20 && calls.contains("execve"), "{calls:?}");
+        for c in calls.difference(&allowed) {
+            refused.push(format!("{c} ({})", summary.display()));
+        }
+    }
+    assert!(
+        refused.is_empty(),
+        "takumi makes system calls the unit's SystemCallFilter= would kill it for: {refused:?}"
     );
 }

@@ -69,12 +69,33 @@ def sample_edit(rng):
     return edits.sample(rng)
 
 
-def synthetic_quads(photos, n, size, rng, gen, misalign_p=0.4):
-    """n quads (A, A', B, B'): one edit per quad applied to two different photos."""
+def restrict_range(x, kind, amount):
+    """Take tones or hues away from a shot, so the pair never shows what the query has:
+    'dark' scales into the shadows, 'dull' pulls colour toward grey (amount in 0..1, 1 = strongest)."""
+    if kind == "dark":
+        return x * (1 - 0.75 * amount)
+    grey = x.mean(dim=1, keepdim=True)
+    return grey + (x - grey) * (1 - 0.85 * amount)
+
+
+def under_determined(a, b, rng):
+    """One of four: A dark, A dull, B dark, B dull (the last two: the pair shows tones the query lacks)."""
+    kind = rng.choice(["dark", "dull"])
+    amount = rng.uniform(0.5, 1.0)
+    if rng.random() < 0.5:
+        return restrict_range(a, kind, amount), b
+    return a, restrict_range(b, kind, amount)
+
+
+def synthetic_quads(photos, n, size, rng, gen, misalign_p=0.4, under_p=0.25):
+    """n quads (A, A', B, B'): one edit per quad applied to two different photos. A share of them are
+    under-determined (one shot lacks the other's tones or hues): the hypernetwork's job there."""
     A, A2, B, B2 = [], [], [], []
     for _ in range(n):
         i, j = rng.sample(range(len(photos)), 2)
         a, b = random_crop(photos[i], size, rng)[None], random_crop(photos[j], size, rng)[None]
+        if rng.random() < under_p:
+            a, b = under_determined(a, b, rng)
         e = sample_edit(rng)
         a, a2 = edits.make_pair(a, e, gen)
         b, b2 = edits.make_pair(b, e, gen)

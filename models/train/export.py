@@ -48,7 +48,7 @@ class BackboneExport(nn.Module):
 
 def load(ckpt):
     h, g = tm.HyperNet(), tm.Backbone()
-    ck = torch.load(ckpt, weights_only=False)
+    ck = torch.load(ckpt, weights_only=False, map_location="cpu")
     h.load_state_dict(ck["hyper"])
     g.load_state_dict(ck["backbone"])
     return h.eval(), g.eval(), ck
@@ -93,7 +93,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--calib", type=int, default=48)
+    ap.add_argument("--models-dir", default=MODELS, help="where the ONNX files and model.json go")
+    ap.add_argument("--golden-dir", default=GOLDEN, help="where the golden vectors go")
     a = ap.parse_args()
+    export_to(a)
+
+
+def export_to(a):
+    MODELS, GOLDEN = a.models_dir, a.golden_dir
+    os.makedirs(MODELS, exist_ok=True)
     if not os.path.exists(a.ckpt):
         data.fail(f"--ckpt {a.ckpt}: no such checkpoint; train first (models/train/README.md)")
     h, g, ck = load(a.ckpt)

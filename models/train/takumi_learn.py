@@ -42,7 +42,7 @@ class Torch:
     """The same interface on a training checkpoint (for the ablation and un-exported runs)."""
 
     def __init__(self, ckpt):
-        ck = torch.load(ckpt, weights_only=False)
+        ck = torch.load(ckpt, weights_only=False, map_location="cpu")
         self.hn, self.bb = tm.HyperNet().eval(), tm.Backbone().eval()
         self.hn.load_state_dict(ck["hyper"])
         self.bb.load_state_dict(ck["backbone"])

@@ -31,6 +31,7 @@ def losses(hyper, backbone, quad, reverse_weight, gen=None):
     a, a2, b, b2 = quad
     n, _, h, w = b.shape
     idx, pts = random_points(n, h, w, POINTS, gen)
+    idx, pts = idx.to(b.device), pts.to(b.device)
     with torch.no_grad():
         fb, fb2 = features(b), features(b2)
     t = hyper(*hyper_inputs(a, a2))
@@ -61,6 +62,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--reverse-weight", type=float, default=0.5, help="lambda of the LoRA Reverse term")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (gpu.sh)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     ap.add_argument("--snapshot-at", type=int, default=0, help="also keep OUT/ckpt_<step>.pt at this step")
@@ -90,9 +92,11 @@ def main():
     if args.init:
         if not os.path.exists(args.init):
             data.fail(f"--init {args.init}: no such checkpoint")
-        ck = torch.load(args.init, weights_only=False)
+        ck = torch.load(args.init, weights_only=False, map_location="cpu")
         hyper.load_state_dict(ck["hyper"])
         backbone.load_state_dict(ck["backbone"])
+    dev = torch.device(args.device)
+    hyper, backbone = hyper.to(dev), backbone.to(dev)
     params = list(hyper.parameters()) + ([] if args.freeze_backbone else list(backbone.parameters()))
     for p in backbone.parameters():
         p.requires_grad_(not args.freeze_backbone)
@@ -101,7 +105,7 @@ def main():
     if args.resume:
         if not os.path.exists(ckpt_path):
             data.fail(f"--resume: no checkpoint at {ckpt_path}")
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
         hyper.load_state_dict(ck["hyper"])
         backbone.load_state_dict(ck["backbone"])
         opt.load_state_dict(ck["opt"])
@@ -130,6 +134,7 @@ def main():
                 quad = data.pair_quads(pairs, args.batch, args.crop, rng)
             else:
                 quad = data.synthetic_quads(photos, args.batch, args.crop, rng, gen)
+            quad = tuple(t.to(dev) for t in quad)
         l_fwd, l_rev = losses(hyper, backbone, quad, args.reverse_weight, gen)
         loss = l_fwd + args.reverse_weight * l_rev
         opt.zero_grad()

@@ -5,3 +5,4 @@ pub mod fleet;
 pub mod protocol;
 pub mod service;
 pub mod station;
+pub mod watchdog;

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::fleet::FleetKeys;
 use super::protocol::{Event, Level, request_id};
 use super::station::{Outgoing, Station};
+use super::watchdog::Watchdog;
 use crate::capture;
 use crate::config::{Config, DisplayKind};
 use crate::display::{Display, DisplayState, FbDisplay, PngDisplay};
@@ -85,6 +86,7 @@ fn utc_now() -> String {
 }
 
 pub async fn start(cfg: Config) -> Result<Running> {
+    let watchdog = Watchdog::resolve(cfg.station.watchdog_s)?;
     let engine = Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?;
     let store = TemplateStore::open(&cfg.store.dir)?;
     let camera = capture::open(&cfg.camera).map_err(|e| Error::Config {
@@ -182,7 +184,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
             .spawn(move || {
                 loop {
                     beat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    let job = match job_rx.recv_timeout(Duration::from_millis(500)) {
+                    let job = match job_rx.recv_timeout(watchdog.beat_every()) {
                         Ok(j) => j,
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                         Err(_) => break,
@@ -272,10 +274,8 @@ pub async fn start(cfg: Config) -> Result<Running> {
             tokio::time::interval(Duration::from_secs(cfg.station.status_interval_s));
         let capture_every = Duration::from_millis(cfg.station.capture_interval_ms.max(1));
         let mut capture_tick = tokio::time::interval(capture_every);
-        let mut dog = tokio::time::interval(Duration::from_millis(
-            (cfg.station.watchdog_s * 1000 / 3).max(100),
-        ));
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let mut dog = tokio::time::interval(watchdog.ping_every());
+        let _ = sd_notify::notify(&watchdog.ready_states());
         loop {
             tokio::select! {
                 _ = &mut stop_rx => break,
@@ -390,7 +390,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
                     // ping only while the pipeline thread makes progress
                     let last = beat.load(Ordering::Relaxed);
                     let now = started.elapsed().as_millis() as u64;
-                    if now.saturating_sub(last) < cfg.station.watchdog_s * 1000 / 2 {
+                    if u128::from(now.saturating_sub(last)) < watchdog.stall_after().as_millis() {
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                     }
                 }

@@ -37,6 +37,17 @@ const SMOOTH: f64 = 1e-1;
 /// A part must buy at least this much validated gain to be kept.
 const MIN_PART_GAIN_DB: f64 = 0.5;
 const GROUPS: usize = 3;
+const ALL: u8 = (1 << GROUPS) - 1;
+
+/// What the closed-form parts are regularised toward where the pair does not determine them
+/// (tones or hues it never shows, a part it cannot validate): H(A, A')'s template (a MAP fit
+/// with H as the prior), or nothing (zero, the fit without H: for ablation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prior {
+    Zero,
+    #[default]
+    Hypernet,
+}
 
 /// Base of the fit: what the closed-form parts correct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,32 +153,14 @@ impl Accumulator {
     }
 
     /// Chooses base, parts and ridge strength by validation, then fits them on everything.
-    pub fn select(&self) -> Option<Selection> {
+    pub fn select(&self, prior: Prior) -> Option<Selection> {
         let all = Normal::sum(&self.tiles);
         if all.n < 64 {
             return None;
         }
         let folds = self.folds();
         let scores = Scores::new(&folds);
-        let (mut base, mut set, mut lam) = scores.best();
-        // drop parts that buy less than MIN_PART_GAIN_DB; then report each part's gain
-        loop {
-            let best = scores.get(base, set, lam);
-            let weak = (0..GROUPS).find(|g| {
-                set & (1 << g) != 0
-                    && gain_db(scores.best_without(base, set & !(1 << g)).3, best)
-                        < MIN_PART_GAIN_DB
-            });
-            let Some(g) = weak else { break };
-            (base, set, lam, _) = scores.best_without(base, set & !(1 << g));
-        }
-        // the hypernetwork's template is a part too: keep it only if it buys its share
-        if base == Base::Hypernet {
-            let (_, s, l, e) = scores.best_without(Base::Identity, set);
-            if gain_db(e, scores.get(base, set, lam)) < MIN_PART_GAIN_DB {
-                (base, set, lam) = (Base::Identity, s, l);
-            }
-        }
+        let (base, set, lam) = scores.choose(prior);
         let best = scores.get(base, set, lam);
         let part = |g: usize| {
             if set & (1 << g) == 0 {
@@ -315,18 +308,49 @@ impl Scores {
         Scores { err, identity }
     }
 
+    /// With the zero prior, the best fit on B. With H's prior, the fit on H's template (the
+    /// closed-form parts correct it where the pair shows it wrong and leave it where the pair
+    /// says nothing), unless the fit on B validates clearly better or H's does not beat doing
+    /// nothing.
+    fn choose(&self, prior: Prior) -> (Base, u8, usize) {
+        let on = |base| {
+            let (b, s, l, _) = self.best_without(base, ALL);
+            self.prune(b, s, l)
+        };
+        let plain = on(Base::Identity);
+        if prior == Prior::Zero {
+            return plain;
+        }
+        let h = on(Base::Hypernet);
+        let (eh, ep) = (self.get(h.0, h.1, h.2), self.get(plain.0, plain.1, plain.2));
+        if gain_db(eh, ep) < MIN_PART_GAIN_DB && eh < self.identity {
+            h
+        } else {
+            plain
+        }
+    }
+
+    /// Drops, one at a time, the parts that buy less than MIN_PART_GAIN_DB.
+    fn prune(&self, mut base: Base, mut set: u8, mut lam: usize) -> (Base, u8, usize) {
+        loop {
+            let best = self.get(base, set, lam);
+            let weak = (0..GROUPS).find(|g| {
+                set & (1 << g) != 0
+                    && gain_db(self.best_without(base, set & !(1 << g)).3, best) < MIN_PART_GAIN_DB
+            });
+            let Some(g) = weak else {
+                return (base, set, lam);
+            };
+            (base, set, lam, _) = self.best_without(base, set & !(1 << g));
+        }
+    }
+
     fn get(&self, base: Base, set: u8, lam: usize) -> f64 {
         self.err[base as usize][set as usize][lam]
     }
 
     fn identity(&self) -> f64 {
         self.identity
-    }
-
-    /// The best (base, set, lambda); ties go to fewer parts and to the identity base.
-    fn best(&self) -> (Base, u8, usize) {
-        let (b, s, l, _) = self.search(|_, _| true);
-        (b, s, l)
     }
 
     /// Best configuration on `base` whose parts are a subset of `allowed`.

@@ -6,13 +6,34 @@
 //! 4. the card says what the change does, how each pair registered and what validated.
 
 use super::align::{self, Registration, Similarity};
-use super::fit::{self, Base, Selection};
+use super::fit::{self, Base, Prior, Selection};
 use super::{Engine, Learned, bank, card, filterbank, quality, slice};
 use crate::store::{Card, PairRegistration};
 use crate::{Error, Frame, Result};
 
+/// How `learn` builds a template; the defaults are the product's, the rest are for ablation.
+#[derive(Clone, Copy, Debug)]
+pub struct LearnOptions {
+    pub prior: Prior,
+    /// False: no closed-form parts at all, the template is H(A, A') alone.
+    pub closed_form: bool,
+}
+
+impl Default for LearnOptions {
+    fn default() -> Self {
+        LearnOptions {
+            prior: Prior::Hypernet,
+            closed_form: true,
+        }
+    }
+}
+
 impl Engine {
     pub fn learn(&self, pairs: &[(Frame, Frame)]) -> Result<Learned> {
+        self.learn_with(pairs, LearnOptions::default())
+    }
+
+    pub fn learn_with(&self, pairs: &[(Frame, Frame)], opts: LearnOptions) -> Result<Learned> {
         if pairs.is_empty() {
             return Err(Error::Invalid(
                 "learn needs at least one before/after pair".into(),
@@ -40,7 +61,7 @@ impl Engine {
         for (a, a2) in pairs {
             let reg = align::register(a, a2, self.threads);
             lap("register");
-            if reg.registered {
+            if reg.registered && opts.closed_form {
                 self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper)?;
                 self.accumulate(&mut rev, a2, a, &reg.sim.inverse(), &undo)?;
                 lap("fit accumulate");
@@ -49,14 +70,14 @@ impl Engine {
         }
         // the two directions are independent: choose their parts side by side
         let (sf, sr) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| fwd.select());
-            let sr = rev.select();
+            let h = sc.spawn(|| fwd.select(opts.prior));
+            let sr = rev.select(opts.prior);
             (h.join(), sr)
         });
         let sf = sf.map_err(|_| Error::Invalid("learn: the fit's worker thread failed".into()))?;
         lap("fit select");
-        let (delta, residual) = self.compose(&hyper, sf.as_ref());
-        let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref());
+        let (delta, residual) = self.compose(&hyper, sf.as_ref(), opts.prior);
+        let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref(), opts.prior);
         let card = self.card(pairs, sf.as_ref(), sr.as_ref(), &regs);
         let source_hist = histogram(pairs.iter().map(|(a, _)| a));
         let target_hist = histogram(pairs.iter().map(|(_, a2)| a2));
@@ -117,10 +138,18 @@ impl Engine {
     }
 
     /// The LoRA vector and residual stage of one direction. With nothing validated (no pair
-    /// registered), the hypernetwork's template alone.
-    fn compose(&self, hyper: &[f32], sel: Option<&Selection>) -> (Vec<f32>, Vec<f32>) {
+    /// registered), the prior alone: the hypernetwork's template, or nothing.
+    fn compose(
+        &self,
+        hyper: &[f32],
+        sel: Option<&Selection>,
+        prior: Prior,
+    ) -> (Vec<f32>, Vec<f32>) {
         let Some(s) = sel else {
-            return (hyper.to_vec(), Vec::new());
+            return match prior {
+                Prior::Hypernet => (hyper.to_vec(), Vec::new()),
+                Prior::Zero => (vec![0.0; hyper.len()], Vec::new()),
+            };
         };
         let mut delta = match s.base {
             Base::Hypernet => hyper.to_vec(),

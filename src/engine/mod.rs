@@ -5,6 +5,7 @@ pub mod bank;
 pub mod card;
 pub mod filterbank;
 pub mod fit;
+pub mod kernels;
 mod learn;
 pub mod model;
 pub mod par;
@@ -13,6 +14,8 @@ pub mod slice;
 
 use std::path::Path;
 
+pub use fit::Prior;
+pub use learn::LearnOptions;
 pub use model::{Models, Precision};
 
 use crate::store::{Card, SourcePair, Template, TemplateName};

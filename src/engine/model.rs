@@ -18,6 +18,11 @@ pub const K: usize = 16;
 pub const HUES: usize = 6;
 pub const SIGMAS: [f32; 2] = [1.5, 6.0];
 pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+/// Largest grid coefficient `apply` accepts. A learned template's grid maps features in
+/// [0, 1] to colour changes of a few units; a crafted one whose values pass the store's bounds
+/// can still multiply up through the LoRA layers to 1e30 or infinity, and slicing would then
+/// write NaN pixels (inf - inf). Refusing such a grid keeps every output finite.
+pub const GRID_MAX_ABS: f32 = 1e6;
 /// Coefficients per grid cell and luminance bin: 3 outputs x K features.
 pub const CK: usize = 3 * K;
 pub const GRID_CH: usize = LBINS * CK;
@@ -182,6 +187,12 @@ impl Models {
         let v = to_vec(&out[0], &self.dir)?;
         if v.len() != GRID_CH * GRID * GRID {
             return Err(model_err(&self.dir, "backbone output has the wrong size"));
+        }
+        if let Some(x) = v.iter().find(|x| !x.is_finite() || x.abs() > GRID_MAX_ABS) {
+            return Err(Error::Invalid(format!(
+                "the template drives the model out of range (a grid coefficient of {x:e}): \
+                 it was not learned for this model"
+            )));
         }
         Ok(v)
     }

@@ -1,5 +1,6 @@
 //! Writing result images. Writes go to a temporary name and are renamed into place, so a reader
-//! never sees half a file and a failed run leaves nothing behind.
+//! never sees half a file and a failed run leaves nothing behind. A [`Batch`] renames many files
+//! into place together: all of them, or none.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,5 +88,104 @@ impl PendingFile {
 impl Drop for PendingFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Files written to temporary names that go into place together. If any of them cannot, the
+/// ones already renamed are taken back: a new file is removed, a replaced one gets its old
+/// content back. So a failed batch leaves the folder as it found it.
+#[derive(Default)]
+pub struct Batch {
+    files: Vec<PendingFile>,
+}
+
+/// A file of a batch that is in place, with what it replaced (a hard link or a copy of the old
+/// file), until the batch is done.
+struct Placed {
+    dst: PathBuf,
+    old: Option<PathBuf>,
+}
+
+impl Batch {
+    pub fn push(&mut self, f: PendingFile) {
+        self.files.push(f);
+    }
+
+    /// Renames every file into place, or none; the error names the file that failed.
+    pub fn commit(self) -> Result<()> {
+        let mut placed = Vec::with_capacity(self.files.len());
+        // files not reached when one fails drop with the iterator, removing their temporaries
+        for f in self.files {
+            match place(f) {
+                Ok(p) => placed.push(p),
+                Err(e) => {
+                    // every one is undone, even after one fails (`all` would stop there)
+                    let mut undone = true;
+                    for p in placed.into_iter().rev() {
+                        undone &= undo(p);
+                    }
+                    return Err(rolled_back(e, undone));
+                }
+            }
+        }
+        for p in placed {
+            if let Some(old) = p.old {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the file `f` replaces (if any) under a hidden name, then renames `f` into place.
+fn place(f: PendingFile) -> Result<Placed> {
+    let dst = f.dst.clone();
+    let old = if std::fs::symlink_metadata(&dst).is_ok() {
+        let name = dst.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+        let keep = dst.with_file_name(format!(".{name}.takumi-old.{}", std::process::id()));
+        // a hard link costs nothing; a file system without links gets a copy
+        let kept =
+            std::fs::hard_link(&dst, &keep).or_else(|_| std::fs::copy(&dst, &keep).map(drop));
+        if let Err(e) = kept {
+            return Err(Error::Output {
+                path: dst,
+                reason: format!("cannot keep the existing file while replacing it: {e}"),
+            });
+        }
+        Some(keep)
+    } else {
+        None
+    };
+    match f.commit() {
+        Ok(()) => Ok(Placed { dst, old }),
+        Err(e) => {
+            if let Some(keep) = old {
+                let _ = std::fs::remove_file(keep);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Puts back what a placed file replaced; false if that failed.
+fn undo(p: Placed) -> bool {
+    match p.old {
+        Some(old) => std::fs::rename(&old, &p.dst).is_ok(),
+        None => std::fs::remove_file(&p.dst).is_ok(),
+    }
+}
+
+fn rolled_back(e: Error, undone: bool) -> Error {
+    let note = if undone {
+        "no output was written"
+    } else {
+        "some outputs renamed into place before it could not be taken back"
+    };
+    match e {
+        Error::Output { path, reason } => Error::Output {
+            path,
+            reason: format!("{reason}; {note}"),
+        },
+        other => other,
     }
 }

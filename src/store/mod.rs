@@ -10,6 +10,7 @@
 //!
 //! The file format is described in [`template`].
 
+mod check;
 mod name;
 pub mod template;
 
@@ -126,6 +127,15 @@ impl TemplateStore {
             return Err(io_err(e));
         }
         self.sync_dir()
+    }
+
+    /// Installs a template file made elsewhere (a fleet message, a command): it is decoded and
+    /// checked in full before anything is written, then saved like any template, so a refused
+    /// file leaves the store exactly as it was.
+    pub fn install(&self, bytes: &[u8]) -> Result<Template, StoreError> {
+        let t = Template::from_bytes(bytes)?;
+        self.save(&t)?;
+        Ok(t)
     }
 
     pub fn load(&self, name: &TemplateName) -> Result<Template, StoreError> {

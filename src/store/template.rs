@@ -14,12 +14,12 @@
 //!
 //! | tensor        | dtype | shape                         | content                                  |
 //! |---------------|-------|-------------------------------|------------------------------------------|
-//! | `delta`       | F32   | `[n]`                         | the LoRA template vector                 |
+//! | `delta`       | F32   | `[n]`, n >= 1                 | the LoRA template vector                 |
 //! | `reverse_delta` | F32 | `[n]`                         | the vector that undoes the edit (v2)     |
 //! | `residual`    | F32   | `[0]` or `[39 * 3]`           | the residual stage after G (v2)          |
 //! | `reverse_residual` | F32 | `[0]` or `[39 * 3]`        | the residual stage of the undo (v2)      |
-//! | `target_hist` | F32   | `[m]`                         | colour histogram of the after image (v2) |
-//! | `source_hist` | F32   | `[m]`                         | colour histogram of the source image     |
+//! | `target_hist` | F32   | `[56]` (`[0]`: from a v1 file) | colour histogram of the after image (v2) |
+//! | `source_hist` | F32   | `[56]`                        | colour histogram of the source image     |
 //! | `thumbs`      | U8    | `[pairs, 2, 64, 64, 3]`       | before/after RGB8 thumbnails of each pair |
 //!
 //! `thumbs` is present even when `pairs` is 0 (zero bytes of data then).
@@ -28,17 +28,22 @@
 //! The header's `__metadata__` has one key, `takumi`, whose value is a JSON
 //! string of `{format_version, name, model_hash, created_unix, sources, card}`
 //! (unknown fields are refused). `sources` lists the pairs in the same order
-//! as the first axis of `thumbs`, without the thumbnails.
+//! as the first axis of `thumbs`, without the thumbnails; the card's `pairs`
+//! and `registration` count the same pairs.
 //!
-//! Readers check, in order: length >= 32, the checksum, the safetensors
-//! structure, `format_version` == [`FORMAT_VERSION`], then every tensor's
-//! dtype and shape, and that every float is finite. The checksum comes first
-//! so that a damaged file is reported as damaged rather than as whatever
-//! parse error the damage happens to cause.
+//! Readers check, in order: length >= 32, the checksum, a UTF-8 header, the
+//! safetensors structure, `format_version` in [`OLDEST_VERSION`]..=[`FORMAT_VERSION`],
+//! every tensor's dtype and shape, then everything [`super::check`] lists:
+//! lengths, finite values within bounds ([`MAX_DELTA_ABS`], [`MAX_RESIDUAL_ABS`],
+//! [`MAX_CARD_ABS`], histograms that are distributions), hashes that are short hex.
+//! The checksum comes first so that a damaged file is reported as damaged rather
+//! than as whatever parse error the damage happens to cause. Writers run the same
+//! checks, so every file takumi writes reads back.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
@@ -212,16 +217,7 @@ fn invalid(reason: impl Into<String>) -> StoreError {
     }
 }
 
-/// Length of a residual stage's weights: features x output channels.
-pub const RESIDUAL_LEN: usize = crate::engine::bank::NF * 3;
-
-fn residual_len_ok(v: &[f32]) -> bool {
-    v.is_empty() || v.len() == RESIDUAL_LEN
-}
-
-fn first_non_finite(v: &[f32]) -> Option<usize> {
-    v.iter().position(|x| !x.is_finite())
-}
+pub use super::check::{MAX_CARD_ABS, MAX_DELTA_ABS, MAX_HASH_LEN, MAX_RESIDUAL_ABS, RESIDUAL_LEN};
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -247,84 +243,13 @@ impl Card {
             }
         }
     }
-
-    /// Name of the first field that is NaN or infinite.
-    fn non_finite_field(&self) -> Option<&'static str> {
-        let g = &self.part_gains_db;
-        let opt = |v: Option<f32>| v.unwrap_or(0.0);
-        let regs = self.registration.iter().flat_map(|r| {
-            [
-                ("registration.dx", r.dx),
-                ("registration.dy", r.dy),
-                ("registration.angle_deg", r.angle_deg),
-                ("registration.scale", r.scale),
-                ("registration.residual_px", r.residual_px),
-            ]
-        });
-        [
-            ("validated_gain_db", opt(self.validated_gain_db)),
-            ("reverse_gain_db", opt(self.reverse_gain_db)),
-            ("heldout_pair_psnr_db", opt(self.heldout_pair_psnr_db)),
-            ("part_gains_db.hypernet", g.hypernet),
-            ("part_gains_db.tone", g.tone),
-            ("part_gains_db.bank", g.bank),
-            ("part_gains_db.position", g.position),
-            ("exposure_ev", self.exposure_ev),
-            ("wb_shift[0]", self.wb_shift[0]),
-            ("wb_shift[1]", self.wb_shift[1]),
-            ("contrast", self.contrast),
-            ("saturation", self.saturation),
-            ("sharpness", self.sharpness),
-            ("self_psnr_db", self.self_psnr_db),
-        ]
-        .into_iter()
-        .chain(regs)
-        .find(|(_, v)| !v.is_finite())
-        .map(|(n, _)| n)
-    }
 }
 
 impl Template {
-    /// Checks what the file format cannot represent or a reader would refuse,
-    /// so a bad template is refused at save time rather than at load time.
+    /// Checks everything a reader checks (see [`super::check`]), so a bad template is
+    /// refused at save time rather than at load time.
     pub fn validate(&self) -> Result<(), StoreError> {
-        for (name, v) in self.vectors() {
-            if let Some(i) = first_non_finite(v) {
-                return Err(invalid(format!(
-                    "value {i} of the template's {name} is not a finite number"
-                )));
-            }
-        }
-        if self.reverse_delta.len() != self.delta.len() {
-            return Err(invalid("delta and reverse_delta differ in length"));
-        }
-        if !residual_len_ok(&self.residual) || !residual_len_ok(&self.reverse_residual) {
-            return Err(invalid(format!(
-                "a residual stage must have 0 or {RESIDUAL_LEN} values"
-            )));
-        }
-        if let Some(i) = first_non_finite(&self.source_hist) {
-            return Err(invalid(format!(
-                "value {i} of the source histogram is not a finite number"
-            )));
-        }
-        if let Some(field) = self.card.non_finite_field() {
-            return Err(invalid(format!(
-                "card field {field} is not a finite number (NaN or infinite)"
-            )));
-        }
-        for (i, s) in self.sources.iter().enumerate() {
-            for (which, thumb) in [("before", &s.thumb_before), ("after", &s.thumb_after)] {
-                if thumb.len() != THUMB_BYTES {
-                    return Err(invalid(format!(
-                        "source pair {i}: the {which} thumbnail has {} bytes, expected {THUMB_BYTES} \
-                         ({THUMB_SIDE}x{THUMB_SIDE} RGB)",
-                        thumb.len()
-                    )));
-                }
-            }
-        }
-        Ok(())
+        super::check::template(self).map_err(invalid)
     }
 
     /// Encodes the template in the file format, after [`Template::validate`].
@@ -387,169 +312,15 @@ impl Template {
         self.encode().unwrap_or_default()
     }
 
-    /// Decodes a template file. Never panics, whatever the input.
+    /// Decodes a template file and checks it in full (see [`super::check`]). Never panics,
+    /// whatever the input.
     pub fn from_bytes(bytes: &[u8]) -> Result<Template, StoreError> {
-        let Some(body_len) = bytes.len().checked_sub(CHECKSUM_LEN) else {
-            return Err(decode_err(format!(
-                "the file is only {} bytes long; it is truncated or is not a template",
-                bytes.len()
-            )));
-        };
-        let (body, sum) = bytes.split_at_checked(body_len).unwrap_or((bytes, &[]));
-        if blake3::hash(body).as_bytes().as_slice() != sum {
-            return Err(decode_err(
-                "checksum mismatch: the file is corrupt or was modified",
-            ));
-        }
-
-        check_offsets_in_bounds(body)?;
-        let (header_len, meta) = SafeTensors::read_metadata(body)
-            .map_err(|e| decode_err(format!("the tensor container is malformed: {e}")))?;
-        let data = 8usize
-            .checked_add(header_len)
-            .and_then(|start| body.get(start..))
-            .ok_or_else(|| decode_err("the tensor container is malformed: header too long"))?;
-
-        let header = match meta.metadata() {
-            Some(m) if m.len() == 1 => m.get(META_KEY),
-            _ => None,
-        }
-        .ok_or_else(|| decode_err("the file has no takumi header; it is not a takumi template"))?;
-        let probe: VersionProbe = serde_json::from_str(header)
-            .map_err(|e| decode_err(format!("the takumi header is unreadable: {e}")))?;
-        let version = match probe.format_version {
-            Some(v @ OLDEST_VERSION..=FORMAT_VERSION) => v,
-            Some(found) => return Err(StoreError::Version { found }),
-            None => return Err(decode_err("the takumi header has no format_version")),
-        };
-        let header: HeaderIn = serde_json::from_str(header)
-            .map_err(|e| decode_err(format!("the takumi header is invalid: {e}")))?;
-        if header.format_version != version {
-            return Err(decode_err("the takumi header's format_version changed"));
-        }
-
-        let mut names = meta.offset_keys();
-        names.sort();
-        let mut want = if version == 1 {
-            vec![T_DELTA, T_HIST, T_THUMBS]
-        } else {
-            vec![
-                T_DELTA,
-                T_REV_DELTA,
-                T_RESIDUAL,
-                T_REV_RESIDUAL,
-                T_TARGET_HIST,
-                T_HIST,
-                T_THUMBS,
-            ]
-        };
-        want.sort();
-        if names != want {
-            return Err(decode_err(format!(
-                "the file holds tensors {names:?}, expected {want:?}"
-            )));
-        }
-        let tensor = |name: &str, dtype: Dtype| -> Result<(&[usize], &[u8]), StoreError> {
-            let info = meta
-                .info(name)
-                .ok_or_else(|| decode_err(format!("tensor {name} is missing")))?;
-            if info.dtype != dtype {
-                return Err(decode_err(format!(
-                    "tensor {name} has type {:?}, expected {dtype:?}",
-                    info.dtype
-                )));
-            }
-            let (s, e) = info.data_offsets;
-            let bytes = data
-                .get(s..e)
-                .ok_or_else(|| decode_err(format!("tensor {name} lies outside the file")))?;
-            Ok((&info.shape, bytes))
-        };
-        let floats = |name: &str, what: &str| -> Result<Vec<f32>, StoreError> {
-            let (shape, bytes) = tensor(name, Dtype::F32)?;
-            if shape.len() != 1 {
-                return Err(decode_err(format!(
-                    "tensor {name} has shape {shape:?}, expected one dimension"
-                )));
-            }
-            let (words, rest) = bytes.as_chunks::<4>();
-            if !rest.is_empty() {
-                return Err(decode_err(format!("tensor {name} is cut short")));
-            }
-            let v: Vec<f32> = words.iter().map(|w| f32::from_le_bytes(*w)).collect();
-            match first_non_finite(&v) {
-                Some(i) => Err(decode_err(format!(
-                    "value {i} of the {what} is not a finite number"
-                ))),
-                None => Ok(v),
-            }
-        };
-        let delta = floats(T_DELTA, "template vector (delta)")?;
-        let source_hist = floats(T_HIST, "source histogram")?;
-        let (reverse_delta, residual, reverse_residual, target_hist) = if version == 1 {
-            let neg = delta.iter().map(|v| -v).collect();
-            (neg, Vec::new(), Vec::new(), Vec::new())
-        } else {
-            (
-                floats(T_REV_DELTA, "reverse template vector")?,
-                floats(T_RESIDUAL, "residual stage")?,
-                floats(T_REV_RESIDUAL, "reverse residual stage")?,
-                floats(T_TARGET_HIST, "target histogram")?,
-            )
-        };
-        if reverse_delta.len() != delta.len() {
-            return Err(decode_err("delta and reverse_delta differ in length"));
-        }
-        if !residual_len_ok(&residual) || !residual_len_ok(&reverse_residual) {
-            return Err(decode_err(format!(
-                "a residual stage must have 0 or {RESIDUAL_LEN} values"
-            )));
-        }
-
-        let mut sources = header.sources;
-        let (shape, thumbs) = tensor(T_THUMBS, Dtype::U8)?;
-        let want = [sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3];
-        if shape != want {
-            return Err(decode_err(format!(
-                "tensor {T_THUMBS} has shape {shape:?}, expected {want:?} for {} source pairs",
-                sources.len()
-            )));
-        }
-        let chunks = thumbs.chunks_exact(2 * THUMB_BYTES);
-        if chunks.len() != sources.len() {
-            return Err(decode_err(format!(
-                "the file has thumbnails for {} pairs but describes {}",
-                chunks.len(),
-                sources.len()
-            )));
-        }
-        for (s, chunk) in sources.iter_mut().zip(chunks) {
-            let (before, after) = chunk
-                .split_at_checked(THUMB_BYTES)
-                .ok_or_else(|| decode_err("a thumbnail is cut short"))?;
-            s.thumb_before = before.to_vec();
-            s.thumb_after = after.to_vec();
-        }
-
-        if let Some(field) = header.card.non_finite_field() {
-            return Err(decode_err(format!(
-                "card field {field} is not a finite number"
-            )));
-        }
-
-        Ok(Template {
-            name: header.name,
-            model_hash: header.model_hash,
-            created_unix: header.created_unix,
-            sources,
-            card: header.card,
-            delta,
-            reverse_delta,
-            residual,
-            reverse_residual,
-            source_hist,
-            target_hist,
-        })
+        let body = verified_body(bytes)?;
+        let file = Container::parse(body)?;
+        let (version, header) = file.header()?;
+        let t = file.template(version, header)?;
+        super::check::template(&t).map_err(decode_err)?;
+        Ok(t)
     }
 
     /// The direction `apply` runs: the edit, or its undo.
@@ -571,23 +342,193 @@ impl Template {
             &self.source_hist
         }
     }
+}
 
-    fn vectors(&self) -> [(&'static str, &[f32]); 5] {
-        [
-            ("target histogram", &self.target_hist),
-            ("template vector (delta)", &self.delta),
-            ("reverse template vector", &self.reverse_delta),
-            ("residual stage", &self.residual),
-            ("reverse residual stage", &self.reverse_residual),
-        ]
+/// The safetensors part of a file whose length and checksum are right.
+fn verified_body(bytes: &[u8]) -> Result<&[u8], StoreError> {
+    let Some(body_len) = bytes.len().checked_sub(CHECKSUM_LEN) else {
+        return Err(decode_err(format!(
+            "the file is only {} bytes long; it is truncated or is not a template",
+            bytes.len()
+        )));
+    };
+    let (body, sum) = bytes.split_at_checked(body_len).unwrap_or((bytes, &[]));
+    if blake3::hash(body).as_bytes().as_slice() != sum {
+        return Err(decode_err(
+            "checksum mismatch: the file is corrupt or was modified",
+        ));
+    }
+    Ok(body)
+}
+
+/// A parsed safetensors container: its header and its data section.
+struct Container<'a> {
+    meta: Metadata,
+    data: &'a [u8],
+}
+
+impl<'a> Container<'a> {
+    fn parse(body: &'a [u8]) -> Result<Self, StoreError> {
+        check_raw_header(body)?;
+        let (header_len, meta) = SafeTensors::read_metadata(body)
+            .map_err(|e| decode_err(format!("the tensor container is malformed: {e}")))?;
+        let data = 8usize
+            .checked_add(header_len)
+            .and_then(|start| body.get(start..))
+            .ok_or_else(|| decode_err("the tensor container is malformed: header too long"))?;
+        Ok(Container { meta, data })
+    }
+
+    /// The takumi header and its format version.
+    fn header(&self) -> Result<(u32, HeaderIn), StoreError> {
+        let text = match self.meta.metadata() {
+            Some(m) if m.len() == 1 => m.get(META_KEY),
+            _ => None,
+        }
+        .ok_or_else(|| decode_err("the file has no takumi header; it is not a takumi template"))?;
+        let probe: VersionProbe = serde_json::from_str(text)
+            .map_err(|e| decode_err(format!("the takumi header is unreadable: {e}")))?;
+        let version = match probe.format_version {
+            Some(v @ OLDEST_VERSION..=FORMAT_VERSION) => v,
+            Some(found) => return Err(StoreError::Version { found }),
+            None => return Err(decode_err("the takumi header has no format_version")),
+        };
+        let header: HeaderIn = serde_json::from_str(text)
+            .map_err(|e| decode_err(format!("the takumi header is invalid: {e}")))?;
+        if header.format_version != version {
+            return Err(decode_err("the takumi header's format_version changed"));
+        }
+        Ok((version, header))
+    }
+
+    /// The template the tensors and header describe; its values are checked by the caller.
+    fn template(&self, version: u32, header: HeaderIn) -> Result<Template, StoreError> {
+        self.expect_tensors(version)?;
+        let delta = self.floats(T_DELTA)?;
+        let source_hist = self.floats(T_HIST)?;
+        let (reverse_delta, residual, reverse_residual, target_hist) = if version == 1 {
+            let neg = delta.iter().map(|v| -v).collect();
+            (neg, Vec::new(), Vec::new(), Vec::new())
+        } else {
+            (
+                self.floats(T_REV_DELTA)?,
+                self.floats(T_RESIDUAL)?,
+                self.floats(T_REV_RESIDUAL)?,
+                self.floats(T_TARGET_HIST)?,
+            )
+        };
+        let mut sources = header.sources;
+        self.thumbs(&mut sources)?;
+        Ok(Template {
+            name: header.name,
+            model_hash: header.model_hash,
+            created_unix: header.created_unix,
+            sources,
+            card: header.card,
+            delta,
+            reverse_delta,
+            residual,
+            reverse_residual,
+            source_hist,
+            target_hist,
+        })
+    }
+
+    /// Exactly the tensors of `version`, no more and no fewer.
+    fn expect_tensors(&self, version: u32) -> Result<(), StoreError> {
+        let mut names = self.meta.offset_keys();
+        names.sort();
+        let mut want = if version == 1 {
+            vec![T_DELTA, T_HIST, T_THUMBS]
+        } else {
+            vec![
+                T_DELTA,
+                T_REV_DELTA,
+                T_RESIDUAL,
+                T_REV_RESIDUAL,
+                T_TARGET_HIST,
+                T_HIST,
+                T_THUMBS,
+            ]
+        };
+        want.sort();
+        if names != want {
+            return Err(decode_err(format!(
+                "the file holds tensors {names:?}, expected {want:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn tensor(&self, name: &str, dtype: Dtype) -> Result<(&[usize], &'a [u8]), StoreError> {
+        let info = self
+            .meta
+            .info(name)
+            .ok_or_else(|| decode_err(format!("tensor {name} is missing")))?;
+        if info.dtype != dtype {
+            return Err(decode_err(format!(
+                "tensor {name} has type {:?}, expected {dtype:?}",
+                info.dtype
+            )));
+        }
+        let (s, e) = info.data_offsets;
+        let bytes = self
+            .data
+            .get(s..e)
+            .ok_or_else(|| decode_err(format!("tensor {name} lies outside the file")))?;
+        Ok((&info.shape, bytes))
+    }
+
+    /// A one-dimensional F32 tensor; its length and values are checked with the template.
+    fn floats(&self, name: &str) -> Result<Vec<f32>, StoreError> {
+        let (shape, bytes) = self.tensor(name, Dtype::F32)?;
+        let (words, rest) = bytes.as_chunks::<4>();
+        if shape.len() != 1 || shape[0] != words.len() {
+            return Err(decode_err(format!(
+                "tensor {name} has shape {shape:?}, expected one dimension of {} values",
+                words.len()
+            )));
+        }
+        if !rest.is_empty() {
+            return Err(decode_err(format!("tensor {name} is cut short")));
+        }
+        Ok(words.iter().map(|w| f32::from_le_bytes(*w)).collect())
+    }
+
+    /// Fills in each source pair's thumbnails from the `thumbs` tensor.
+    fn thumbs(&self, sources: &mut [SourcePair]) -> Result<(), StoreError> {
+        let (shape, thumbs) = self.tensor(T_THUMBS, Dtype::U8)?;
+        let want = [sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3];
+        if shape != want {
+            return Err(decode_err(format!(
+                "tensor {T_THUMBS} has shape {shape:?}, expected {want:?} for {} source pairs",
+                sources.len()
+            )));
+        }
+        let chunks = thumbs.chunks_exact(2 * THUMB_BYTES);
+        if chunks.len() != sources.len() || !chunks.remainder().is_empty() {
+            return Err(decode_err(format!(
+                "the file has {} bytes of thumbnails but describes {} source pairs",
+                thumbs.len(),
+                sources.len()
+            )));
+        }
+        for (s, chunk) in sources.iter_mut().zip(chunks) {
+            let (before, after) = chunk
+                .split_at_checked(THUMB_BYTES)
+                .ok_or_else(|| decode_err("a thumbnail is cut short"))?;
+            s.thumb_before = before.to_vec();
+            s.thumb_after = after.to_vec();
+        }
+        Ok(())
     }
 }
 
-/// The safetensors reader adds declared offsets without overflow checks, so a
-/// crafted header (with a valid checksum) could make it panic. Reject any
-/// offset past the end of the data first. Anything else malformed is left to
-/// the reader to report.
-fn check_offsets_in_bounds(body: &[u8]) -> Result<(), StoreError> {
+/// Checks the raw header before the safetensors reader sees it: that it is UTF-8 (to say so
+/// plainly), and that no declared offset lies past the end of the data, because the reader adds
+/// offsets without overflow checks and a crafted header (with a valid checksum) could make it
+/// panic. Anything else malformed is left to the reader to report.
+fn check_raw_header(body: &[u8]) -> Result<(), StoreError> {
     let Some((len_bytes, rest)) = body.split_first_chunk::<8>() else {
         return Ok(());
     };
@@ -597,6 +538,12 @@ fn check_offsets_in_bounds(body: &[u8]) -> Result<(), StoreError> {
     let (Some(header), Some(data)) = (rest.get(..header_len), rest.get(header_len..)) else {
         return Ok(());
     };
+    if let Err(e) = std::str::from_utf8(header) {
+        return Err(decode_err(format!(
+            "the file's header is not valid UTF-8 (at byte {} of the header)",
+            e.valid_up_to()
+        )));
+    }
     let Ok(AllEntries(entries)) = serde_json::from_slice::<AllEntries>(header) else {
         return Ok(());
     };

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Train takumi's H and G on one GPU in at most 9 minutes, then export (if the export's packages are
+# there). Nothing is downloaded: the photos and the warm-start checkpoint travel in the working tree.
+#
+#   bash models/train/gpu.sh                       # on the GPU machine (PyTorch with CUDA installed)
+#   DEVICE=cpu STEPS=3 BATCH=2 CROP=96 OUT=runs/gpu-smoke MODELS_DIR=/tmp/gpu-smoke \
+#     GOLDEN_DIR=/tmp/gpu-smoke/golden bash models/train/gpu.sh   # the same path on a CPU (smoke test)
+#
+# Needs models/train/.cache/photos (fetch_photos.py) and a checkpoint to start from, INIT
+# (default runs/warm.pt; warmstart.py makes one from the committed ONNX models). Writes
+# $OUT/ckpt.pt and $OUT/log.jsonl; with OUT_COPY set (for example $OUT of the device tool) also copies
+# them there. Exports to models/ only when onnx, onnxscript and onnxruntime import; otherwise it
+# prints the export command to run where they do.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+DEVICE=${DEVICE:-cuda}
+MINUTES=${MINUTES:-7.5}   # training; start-up and export fit in the rest of the 9 minutes
+STEPS=${STEPS:-1000000}   # the schedule ends at whichever of STEPS and MINUTES comes first
+BATCH=${BATCH:-48}
+CROP=${CROP:-256}
+LR=${LR:-5e-4}            # warm start: a gentler rate than from scratch
+INIT=${INIT:-runs/warm.pt}
+OUT=${OUT:-runs/gpu}
+THREADS=${THREADS:-$(nproc)}  # CPU threads for synthesising quads
+MODELS_DIR=${MODELS_DIR:-..}  # the export's destination: the committed models by default
+GOLDEN_DIR=${GOLDEN_DIR:-../../tests/fixtures/golden}
+
+[ -d .cache/photos ] && [ -n "$(ls .cache/photos)" ] || { echo "error: no photos in models/train/.cache/photos" >&2; exit 2; }
+if [ ! -f "$INIT" ]; then
+  echo "$INIT missing: rebuilding it from the committed ONNX models" >&2
+  "$PY" warmstart.py --out "$INIT"
+fi
+"$PY" - "$DEVICE" <<'EOF'
+import sys, torch
+d = sys.argv[1]
+if d.startswith("cuda") and not torch.cuda.is_available():
+    sys.exit(f"error: DEVICE={d} but torch {torch.__version__} sees no CUDA device")
+print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0) if d.startswith('cuda') else 'cpu'}", flush=True)
+EOF
+mkdir -p "$OUT"
+rm -f "$OUT/ckpt.pt" "$OUT/log.jsonl"
+t0=$(date +%s)
+"$PY" train.py --out "$OUT" --init "$INIT" --device "$DEVICE" --threads "$THREADS" \
+  --batch "$BATCH" --crop "$CROP" --lr "$LR" --minutes "$MINUTES" --steps "$STEPS"
+echo "trained in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/log.jsonl")"
+if [ -n "${OUT_COPY:-}" ]; then
+  cp "$OUT/ckpt.pt" "$OUT/log.jsonl" "$OUT_COPY/"
+fi
+if "$PY" -c "import onnx, onnxscript, onnxruntime, safetensors" 2>/dev/null; then
+  "$PY" export.py --ckpt "$OUT/ckpt.pt" --models-dir "$MODELS_DIR" --golden-dir "$GOLDEN_DIR"
+else
+  echo "export skipped (onnx/onnxscript/onnxruntime not installed here): run" >&2
+  echo "  models/train/.venv/bin/python models/train/export.py --ckpt models/train/$OUT/ckpt.pt" >&2
+fi
