@@ -98,17 +98,36 @@ enum TemplatesCmd {
     Rm { name: String },
 }
 
+/// Info for takumi's own lines; rumqttd logs every client disconnect as an error, so it stays
+/// quiet unless asked for, and tract's notes on its kernels are not news to an operator.
+const DEFAULT_LOG: &str = "info,rumqttd=off,tract_core=warn,tract_linalg=warn,tract_onnx=warn";
+
+/// `demo` prints its own account of the run; the station's lines would interleave with it.
+const DEMO_LOG: &str = "warn,rumqttd=off";
+
+/// `TAKUMI_LOG`, else `RUST_LOG`, else `default`.
+fn log_filter(default: &str) -> tracing_subscriber::EnvFilter {
+    ["TAKUMI_LOG", "RUST_LOG"]
+        .into_iter()
+        .find_map(|v| tracing_subscriber::EnvFilter::try_from_env(v).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default))
+}
+
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
+    let cli = Cli::parse();
+    let default = match cli.cmd {
+        Cmd::Demo { .. } => DEMO_LOG,
+        _ => DEFAULT_LOG,
+    };
     tracing_subscriber::fmt()
-        // rumqttd logs every client disconnect as an error; it stays quiet unless asked for
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TAKUMI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
-        )
+        .with_env_filter(log_filter(default))
+        // colour codes only for a person at a terminal; journald and files get plain text
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     takumi::engine::kernels::log_chosen();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -174,7 +193,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { samples, out } => {
             let cfg = if cli.config.is_none() {
-                Config::load(Path::new("board/host.toml"))?
+                let mut host = Config::load(Path::new("board/host.toml"))?;
+                // the demo drives itself: its broker must not clash with a station on 1883
+                host.mqtt.port = 0;
+                host
             } else {
                 cfg
             };

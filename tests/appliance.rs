@@ -5,6 +5,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -543,6 +545,14 @@ fn overload_is_refused_with_events_and_status_stays_responsive() {
         assert!(overloaded > 0, "nothing was refused ({results} results)");
         assert!(results >= 2, "the station stopped working ({results} results)");
         assert_eq!(results + overloaded, 40, "some commands got neither a result nor an event");
+        // each refusal is counted once
+        l.send("s1", json!({"id": "st2", "op": "status"}).to_string()).await;
+        l.wait(30, |t, p| {
+            t == "takumi/s1/status"
+                && serde_json::from_slice::<Value>(p)
+                    .is_ok_and(|v| v["counters"]["refused_commands"] == overloaded)
+        })
+        .await;
         svc.stop().await.unwrap();
     });
 }
@@ -632,6 +642,203 @@ fn oversized_messages_are_dropped_with_events_and_the_station_survives() {
             )
             .await
             .unwrap();
+        svc.stop().await.unwrap();
+    });
+}
+
+/// A TCP relay between the station and the broker, to fail the link in ways a broker restart
+/// cannot: muted, it drops what the station sends (commands still arrive, no PUBACK ever comes
+/// back, so the outbox fills); cut, it closes every connection and its port.
+struct Relay {
+    port: u16,
+    to: u16,
+    mute: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    async fn start(to: u16) -> Relay {
+        let mut r = Relay {
+            port: free_port(),
+            to,
+            mute: Arc::new(AtomicBool::new(false)),
+            task: None,
+        };
+        r.restore().await;
+        r
+    }
+
+    fn mute(&self) {
+        self.mute.store(true, Ordering::Relaxed);
+    }
+
+    /// Aborting the accept task drops its connections (a JoinSet) and the listener.
+    fn cut(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    async fn restore(&mut self) {
+        self.mute.store(false, Ordering::Relaxed);
+        let mut bound = None;
+        for _ in 0..50 {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => {
+                    bound = Some(l);
+                    break;
+                }
+                // the cut listener is closed by its task's cancellation, shortly after `cut`
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let listener = bound.expect("relay port stays taken");
+        let (to, mute) = (self.to, self.mute.clone());
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((down, _)) = listener.accept().await {
+                conns.spawn(relay_conn(down, to, mute.clone()));
+            }
+        }));
+    }
+}
+
+async fn relay_conn(down: tokio::net::TcpStream, to: u16, mute: Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", to)).await else {
+        return;
+    };
+    let (mut down_r, mut down_w) = down.into_split();
+    let (mut up_r, mut up_w) = up.into_split();
+    let upstream = async move {
+        let mut buf = vec![0u8; 64 << 10];
+        while let Ok(n @ 1..) = down_r.read(&mut buf).await {
+            if !mute.load(Ordering::Relaxed) && up_w.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    };
+    let downstream = async move {
+        let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+    };
+    tokio::select! {
+        _ = upstream => {}
+        _ = downstream => {}
+    }
+}
+
+fn outbox_entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+async fn until_entries(dir: &Path, n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while outbox_entries(dir) < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outbox holds {} entries, waited for {n}",
+            outbox_entries(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The broker never acks (the station's packets are dropped on the way; commands still reach it),
+/// so a 4-entry outbox fills with armed interval results (2 entries each). Then captures pause with exactly one
+/// `overloaded` event, a command is refused with its own, both are counted, and both events are
+/// on disk in the outbox and arrive once the link is back.
+#[test]
+fn a_full_outbox_refuses_work_with_events_that_outlive_the_outage() {
+    let Some(m) = mosquitto() else { return };
+    let d = tempfile::tempdir().unwrap();
+    rt().block_on(async {
+        let mut relay = Relay::start(m.port).await;
+        let mut cfg = station_cfg(d.path(), "s1", relay.port, false);
+        cfg.station.capture_interval_ms = 200;
+        cfg.outbox.max_entries = 4;
+        let outbox = cfg.outbox.dir.clone();
+        let svc = takumi::appliance::service::start(cfg).await.unwrap();
+        let mut l = line(m.port, "takumi/s1/#").await;
+        l.online("s1").await;
+        learn_over_mqtt(&mut l).await;
+        l.send(
+            "s1",
+            json!({"id": "arm", "op": "apply", "template": "polish", "mode": "armed"}).to_string(),
+        )
+        .await;
+        assert_eq!(l.event("s1", "arm").await["code"], "armed");
+        l.wait(60, |t, _| {
+            t.starts_with("takumi/s1/result/") && t.ends_with("/image")
+        })
+        .await;
+
+        relay.mute();
+        // 2 results unacked, then the captures-paused event in the reserve
+        until_entries(&outbox, 5).await;
+        tokio::time::sleep(Duration::from_secs(1)).await; // several more ticks, all refused
+        let before = outbox_entries(&outbox);
+        l.send(
+            "s1",
+            json!({"id": "late", "op": "templates.list"}).to_string(),
+        )
+        .await;
+        until_entries(&outbox, before + 1).await; // its refusal, stored although the outbox is full
+        relay.cut();
+        relay.restore().await;
+
+        let mut paused = 0;
+        let mut late = None;
+        while late.is_none() || paused == 0 {
+            let (t, p) = l.wait(60, |t, _| t == "takumi/s1/event").await;
+            let v: Value = serde_json::from_slice(&p).unwrap();
+            if v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("captures paused"))
+            {
+                assert_eq!(v["code"], "overloaded", "{t}: {v}");
+                paused += 1;
+            }
+            if v["request_id"] == "late" && late.is_none() {
+                late = Some(v);
+            }
+        }
+        let late = late.unwrap();
+        assert_eq!(late["code"], "overloaded", "{late}");
+        assert!(
+            late["message"].as_str().unwrap().contains("outbox is full"),
+            "{late}"
+        );
+
+        l.send("s1", json!({"id": "off", "op": "disarm"}).to_string())
+            .await;
+        l.send("s1", json!({"id": "st", "op": "status"}).to_string())
+            .await;
+        let mut status = None;
+        while status.is_none() {
+            let (t, p) = l
+                .wait(60, |t, _| t == "takumi/s1/event" || t == "takumi/s1/status")
+                .await;
+            let v: Value = serde_json::from_slice(&p).unwrap();
+            if t.ends_with("/status") && v["counters"]["refused_captures"].as_u64() > Some(1) {
+                status = Some(v);
+            } else if v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("captures paused"))
+            {
+                paused += 1;
+            }
+        }
+        assert_eq!(paused, 1, "captures paused more than once");
+        let c = &status.unwrap()["counters"];
+        assert!(c["refused_commands"].as_u64() >= Some(1), "{c}");
+        assert_eq!(c["dropped_events"], 0, "{c}");
+        assert_eq!(c["dropped_results"], 0, "{c}");
         svc.stop().await.unwrap();
     });
 }

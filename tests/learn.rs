@@ -245,6 +245,14 @@ fn unrelated_images_do_not_register_and_the_card_says_so() {
         l.card.registration
     );
     assert_eq!(l.card.validated_gain_db, None);
+    // H's template was checked on the colour distributions instead, and kept only if it moves
+    // the before's colours toward the after's
+    let g = l
+        .card
+        .distribution_gain_db
+        .expect("checked on the distributions");
+    let identity = l.delta.iter().all(|v| *v == 0.0);
+    assert_eq!(identity, g < 1.0, "gain {g:.2} dB, identity {identity}");
     // and the template can still be stored, card and all
     let t = l.into_template(
         takumi::store::TemplateName::new("unregistered").unwrap(),
@@ -270,6 +278,7 @@ fn the_prior_is_the_hypernetwork_or_nothing() {
         .unwrap();
     assert!(zero.delta.iter().all(|v| *v == 0.0) && zero.residual.is_empty());
     assert!(zero.reverse_delta.iter().all(|v| *v == 0.0));
+    assert!(zero.card.validation_summary().contains("identity"));
     let hyper = e
         .learn_with(&[(a.clone(), other)], opts(Prior::Hypernet, true))
         .unwrap();
@@ -284,4 +293,6 @@ fn the_prior_is_the_hypernetwork_or_nothing() {
     assert!(alone.residual.is_empty());
     assert!(fitted.card.validated_gain_db.is_some());
     assert!(alone.card.registration[0].registered);
+    let said = alone.card.validation_summary();
+    assert!(said.contains("no closed-form fit"), "{said}");
 }

@@ -419,6 +419,44 @@ async fn outbox_survives_a_crash_and_delivers_after_restart() {
     drop(broker);
 }
 
+/// A full outbox still stores events (its reserve), up to a bound of its own, and reports
+/// itself full to callers that refuse work before doing it.
+#[test]
+fn full_outbox_keeps_a_reserve_for_events() {
+    use takumi::publish::outbox::RESERVE_ENTRIES;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), 2, 1 << 20).unwrap();
+    assert!(!ob.is_full());
+    ob.push("t/r", b"result", false).unwrap();
+    ob.push("t/r", b"result", false).unwrap();
+    assert!(ob.is_full());
+    assert!(matches!(
+        ob.push("t/r", b"result", false),
+        Err(LinkError::Full { .. })
+    ));
+    for _ in 0..RESERVE_ENTRIES {
+        ob.push_reserved("t/e", b"event", false).unwrap();
+    }
+    assert!(matches!(
+        ob.push_reserved("t/e", b"event", false),
+        Err(LinkError::Full { .. })
+    ));
+    assert_eq!(ob.len(), 2 + RESERVE_ENTRIES);
+    // the byte bound has its reserve too
+    let small = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(small.path(), 100, 10_000).unwrap();
+    ob.push("t/r", &[0; 9_000], false).unwrap();
+    assert!(ob.push("t/r", &[0; 2_000], false).is_err());
+    assert!(
+        !ob.is_full(),
+        "under both bounds, though a large result no longer fits"
+    );
+    ob.push_reserved("t/e", &[0; 2_000], false).unwrap();
+    assert!(ob.is_full());
+    let reserve = takumi::publish::outbox::RESERVE_BYTES as usize;
+    assert!(ob.push_reserved("t/e", &vec![0; reserve], false).is_err());
+}
+
 #[test]
 fn outbox_bounds_torn_entries_and_sequence() {
     let dir = tempfile::tempdir().unwrap();

@@ -65,6 +65,8 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
                 position: 1.0,
             },
             heldout_pair_psnr_db: None,
+            zero_prior: false,
+            distribution_gain_db: None,
             registration: (0..pairs)
                 .map(|p| PairRegistration {
                     registered: p % 2 == 0,

@@ -1,7 +1,9 @@
 //! The appliance: the station pipeline driven by MQTT commands.
 
 pub mod demo;
+pub mod events;
 pub mod fleet;
+pub mod journal;
 pub mod protocol;
 pub mod service;
 pub mod station;

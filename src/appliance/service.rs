@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use super::events::{Drops, EventQueue, StatusCounters};
 use super::fleet::FleetKeys;
+use super::journal;
 use super::protocol::{Event, Level, request_id};
 use super::station::{Outgoing, Station};
 use super::watchdog::Watchdog;
@@ -19,7 +21,7 @@ use crate::config::{Config, DisplayKind};
 use crate::display::{Display, DisplayState, FbDisplay, PngDisplay};
 use crate::engine::Engine;
 use crate::publish::broker::EmbeddedBroker;
-use crate::publish::mqtt::{MqttConfig, MqttLink, QoS, StatusMessage};
+use crate::publish::mqtt::{LinkError, MqttConfig, MqttLink, QoS, StatusMessage};
 use crate::publish::outbox::Outbox;
 use crate::store::TemplateStore;
 use crate::{Error, Result};
@@ -59,6 +61,21 @@ impl Running {
 
 fn link_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("mqtt: {e}"))
+}
+
+/// A taken port names the key that moves the embedded broker.
+fn broker_err(e: LinkError) -> Error {
+    match e {
+        LinkError::PortInUse { addr } => Error::Config {
+            key: "mqtt.port".into(),
+            reason: format!(
+                "{addr} is already in use (another MQTT broker, or another takumi?), so the \
+                 embedded broker cannot listen there; set [mqtt] port to a free port (0 = any), \
+                 or [broker] embedded = false to use the broker already there"
+            ),
+        },
+        e => link_err(e),
+    }
 }
 
 /// Local time is not known to a board without a clock daemon; UTC is unambiguous on the display.
@@ -104,7 +121,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         )),
     };
     let broker = if cfg.broker.embedded {
-        Some(EmbeddedBroker::start(cfg.mqtt.port).map_err(link_err)?)
+        Some(EmbeddedBroker::start(cfg.mqtt.port).map_err(broker_err)?)
     } else {
         None
     };
@@ -169,6 +186,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
         fleet,
     );
     let model = station.model_hash().to_string();
+    journal::started(&cfg, &model, broker_port);
     let (job_tx, job_rx) = sync_channel::<Job>(cfg.station.queue);
     let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(64);
     let depth = Arc::new(AtomicUsize::new(0));
@@ -229,13 +247,13 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 }
             }
         };
-        let publish_event = |link: &MqttLink, e: Event| {
-            let _ = link.publish_volatile(
-                &format!("{root}/event"),
-                serde_json::to_vec(&e).unwrap_or_default(),
-                false,
-                QoS::AtLeastOnce,
-            );
+        // through the outbox like results: an event must survive a broker outage and a full
+        // outbox, above all the `overloaded` one that says work was refused
+        let drops = Arc::new(Drops::default());
+        let events = EventQueue::start(link.publisher(), format!("{root}/event"), drops.clone());
+        let publish_event = |e: Event| {
+            journal::event(&e);
+            events.event(&e);
         };
         let status = |link: &MqttLink| {
             let c = counters.lock().map(|c| c.clone()).unwrap_or_default();
@@ -248,7 +266,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 "queue_depth": depth.load(Ordering::Relaxed),
                 "outbox": link.outbox().len(),
                 "link": link.stats(),
-                "counters": c,
+                "counters": StatusCounters { station: c, drops: drops.snapshot() },
             });
             let _ = link.publish_volatile(
                 &format!("{root}/status"),
@@ -282,11 +300,12 @@ pub async fn start(cfg: Config) -> Result<Running> {
                 Some(m) = incoming.recv() => {
                     if m.topic == cmd_topic {
                         if m.oversized() || m.size > cfg.station.max_payload_bytes {
-                            publish_event(&link, Event { level: Level::Error, code: "bad_command".into(),
+                            publish_event(Event { level: Level::Error, code: "bad_command".into(),
                                 message: format!("command of {} bytes dropped: over the {} byte limit", m.size, cfg.station.max_payload_bytes),
                                 request_id: None });
                             continue;
                         }
+                        journal::command(&m.payload);
                         let rid = request_id(&m.payload);
                         // status is answered here, so it stays responsive under a flood of commands
                         if serde_json::from_slice::<serde_json::Value>(&m.payload).ok()
@@ -295,53 +314,50 @@ pub async fn start(cfg: Config) -> Result<Running> {
                             status(&link);
                             continue;
                         }
-                        if link.outbox().len() >= cfg.outbox.max_entries {
-                            publish_event(&link, Event { level: Level::Error, code: "overloaded".into(),
+                        if link.outbox().is_full() {
+                            Drops::count(&drops.refused_commands);
+                            publish_event(Event { level: Level::Error, code: "overloaded".into(),
                                 message: "the result outbox is full (broker unreachable?); new work refused".into(), request_id: rid });
                             continue;
                         }
                         if !submit(&job_tx, Job::Command(m.payload)) {
-                            publish_event(&link, Event { level: Level::Error, code: "overloaded".into(),
+                            Drops::count(&drops.refused_commands);
+                            publish_event(Event { level: Level::Error, code: "overloaded".into(),
                                 message: format!("{} commands already queued; refused", cfg.station.queue), request_id: rid });
                         }
                     } else if m.topic.starts_with(&fleet_prefix) && m.oversized() {
-                        publish_event(&link, Event { level: Level::Warning, code: "bad_template".into(),
+                        publish_event(Event { level: Level::Warning, code: "bad_template".into(),
                             message: format!("fleet template {} of {} bytes dropped: over the {} byte limit", m.topic, m.size, link_limit),
                             request_id: None });
                     } else if m.topic.starts_with(&fleet_prefix) && !m.payload.is_empty()
                         && !submit(&job_tx, Job::Fleet(m.payload)) {
-                        publish_event(&link, Event { level: Level::Warning, code: "overloaded".into(),
+                        publish_event(Event { level: Level::Warning, code: "overloaded".into(),
                             message: format!("fleet template {} not installed: queue full", m.topic), request_id: None });
                     }
                 }
                 Some(o) = out_rx.recv() => {
                     match o {
                         Outgoing::Result { meta, jpeg } => {
+                            journal::result(&meta);
                             let t = format!("{root}/result/{}", meta.id);
-                            let r1 = link.publish_durable(&format!("{t}/image"), jpeg, false).await;
-                            let r2 = link.publish_durable(&t, serde_json::to_vec(&meta).unwrap_or_default(), false).await;
-                            if let Err(e) = r1.and(r2) {
-                                publish_event(&link, Event { level: Level::Error, code: "outbox_failed".into(),
-                                    message: format!("result {}: {e}", meta.id), request_id: Some(meta.request_id.clone()) });
-                            }
+                            // through the writer, in order with the events around it
+                            let parts = vec![(format!("{t}/image"), jpeg), (t, serde_json::to_vec(&meta).unwrap_or_default())];
+                            events.result(meta.id, meta.request_id, parts).await;
                         }
                         Outgoing::State { meta } => {
+                            journal::result(&meta);
                             let t = format!("{root}/result/{}", meta.id);
-                            if let Err(e) = link.publish_durable(&t, serde_json::to_vec(&meta).unwrap_or_default(), false).await {
-                                publish_event(&link, Event { level: Level::Error, code: "outbox_failed".into(),
-                                    message: format!("result {}: {e}", meta.id), request_id: Some(meta.request_id.clone()) });
-                            }
+                            let parts = vec![(t, serde_json::to_vec(&meta).unwrap_or_default())];
+                            events.result(meta.id, meta.request_id, parts).await;
                         }
-                        Outgoing::Event(e) => publish_event(&link, e),
+                        Outgoing::Event(e) => publish_event(e),
                         Outgoing::Templates { request_id, names } => {
-                            let _ = link.publish_volatile(&format!("{root}/templates"),
-                                json!({"request_id": request_id, "templates": names}).to_string().into_bytes(), false, QoS::AtLeastOnce);
+                            // a reply, queued like events: it outlives an outage too
+                            events.send(format!("{root}/templates"),
+                                json!({"request_id": request_id, "templates": names}).to_string().into_bytes());
                         }
                         Outgoing::Fleet { name, file } => {
-                            if let Err(e) = link.publish_durable(&format!("{fleet_prefix}{name}"), file, true).await {
-                                publish_event(&link, Event { level: Level::Warning, code: "outbox_failed".into(),
-                                    message: format!("fleet template {name}: {e}"), request_id: None });
-                            }
+                            events.fleet(name.clone(), format!("{fleet_prefix}{name}"), file).await;
                         }
                         Outgoing::Approved { meta, before, after } => {
                             shown.template = meta.template.clone();
@@ -355,7 +371,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
                                 shown.armed = armed.load(Ordering::Relaxed);
                                 shown.queue_depth = depth.load(Ordering::Relaxed);
                                 if let Err(e) = d.show(&shown) {
-                                    publish_event(&link, Event { level: Level::Warning, code: "display_failed".into(),
+                                    publish_event(Event { level: Level::Warning, code: "display_failed".into(),
                                         message: e.to_string(), request_id: None });
                                 }
                             }
@@ -376,14 +392,17 @@ pub async fn start(cfg: Config) -> Result<Running> {
                         continue;
                     }
                     // the same bound as commands: with the outbox full, captures stop, said once
-                    let full = link.outbox().len() >= cfg.outbox.max_entries;
+                    let full = link.outbox().is_full();
+                    if full {
+                        Drops::count(&drops.refused_captures);
+                    }
                     if full && !ticks_refused {
-                        publish_event(&link, Event { level: Level::Error, code: "overloaded".into(),
+                        publish_event(Event { level: Level::Error, code: "overloaded".into(),
                             message: "the result outbox is full (broker unreachable?); interval captures paused".into(), request_id: None });
                     }
                     ticks_refused = full;
-                    if !full {
-                        submit(&job_tx, Job::Tick);
+                    if !full && !submit(&job_tx, Job::Tick) {
+                        Drops::count(&drops.refused_captures);
                     }
                 }
                 _ = dog.tick() => {
@@ -398,24 +417,23 @@ pub async fn start(cfg: Config) -> Result<Running> {
             // the link drops what this loop cannot read in time: say so, never silently
             let dropped = link.stats().dropped_incoming;
             if dropped > seen_dropped {
-                publish_event(
-                    &link,
-                    Event {
-                        level: Level::Error,
-                        code: "overloaded".into(),
-                        message: format!(
-                            "{} incoming messages dropped unread: the station could not keep up",
-                            dropped - seen_dropped
-                        ),
-                        request_id: None,
-                    },
-                );
+                publish_event(Event {
+                    level: Level::Error,
+                    code: "overloaded".into(),
+                    message: format!(
+                        "{} incoming messages dropped unread: the station could not keep up",
+                        dropped - seen_dropped
+                    ),
+                    request_id: None,
+                });
                 seen_dropped = dropped;
             }
         }
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         let _ = link.publish_volatile(&available, "offline", true, QoS::AtLeastOnce);
         drop(job_tx);
+        // stored now, sent after the next start if not before the disconnect
+        events.flush(Duration::from_secs(2)).await;
         link.shutdown().await;
         Ok(())
     });

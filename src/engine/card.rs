@@ -1,8 +1,111 @@
 //! The template's card: what the change does, in units a plant engineer knows, measured on the
 //! source pair(s).
 
+use serde::{Deserialize, Serialize};
+
 use super::filterbank::{blur_plane, gauss_kernel, luminance};
 use crate::Frame;
+
+/// Explains the change; computed by the engine.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Card {
+    pub exposure_ev: f32,
+    pub wb_shift: [f32; 2],
+    pub contrast: f32,
+    pub saturation: f32,
+    pub sharpness: f32,
+    pub self_psnr_db: f32,
+    pub pairs: u32,
+    pub fit_used: bool,
+    /// Validated gain of the forward template over doing nothing, in dB (held-out regions
+    /// and pairs); None when no pair registered, so nothing could be validated.
+    #[serde(default)]
+    pub validated_gain_db: Option<f32>,
+    /// The same for the undo (`apply --reverse`).
+    #[serde(default)]
+    pub reverse_gain_db: Option<f32>,
+    /// What each kept part adds to the forward gain; 0 for a part left out.
+    #[serde(default)]
+    pub part_gains_db: PartGains,
+    /// With several pairs: mean PSNR on each pair of a fit made on the others.
+    #[serde(default)]
+    pub heldout_pair_psnr_db: Option<f32>,
+    /// How each pair registered, in order.
+    #[serde(default)]
+    pub registration: Vec<PairRegistration>,
+    /// Learned with `--prior zero`: nothing of the hypernetwork is in the template.
+    #[serde(default)]
+    pub zero_prior: bool,
+    /// With no pair registered: how much closer H's template brings the before's colour
+    /// distribution to the after's, in dB; under `MIN_DISTRIBUTION_GAIN_DB` the template is
+    /// the identity (a pair that does not register keeps H only if H moves the colours the way
+    /// the pair does).
+    #[serde(default)]
+    pub distribution_gain_db: Option<f32>,
+}
+
+/// Validated gain of each part of a template, in dB.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PartGains {
+    pub hypernet: f32,
+    pub tone: f32,
+    pub bank: f32,
+    pub position: f32,
+}
+
+/// The similarity that maps a pair's before onto its after (see engine::align).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PairRegistration {
+    pub registered: bool,
+    pub dx: f32,
+    pub dy: f32,
+    pub angle_deg: f32,
+    pub scale: f32,
+    pub residual_px: f32,
+}
+
+/// See `Card::distribution_gain_db`.
+pub const MIN_DISTRIBUTION_GAIN_DB: f32 = 1.0;
+
+impl Card {
+    /// One line: what validated, or why nothing could be.
+    pub fn validation_summary(&self) -> String {
+        match self.validated_gain_db {
+            None if self.zero_prior => {
+                "not validated (no pair registered): identity, since the prior is zero".into()
+            }
+            None if self.registration.iter().any(|r| r.registered) => {
+                "not validated (no closed-form fit): the hypernetwork's template alone".into()
+            }
+            None => match self.distribution_gain_db {
+                Some(g) if g < MIN_DISTRIBUTION_GAIN_DB => format!(
+                    "not validated (no pair registered): identity, the hypernetwork's template \
+                     brings the colours only {g:+.2} dB closer"
+                ),
+                Some(g) => format!(
+                    "not validated pixel-wise (no pair registered): the hypernetwork's template, \
+                     which brings the colours {g:+.2} dB closer"
+                ),
+                None => {
+                    "not validated (no pair registered): the hypernetwork's template alone".into()
+                }
+            },
+            Some(g) if !self.fit_used && self.part_gains_db.hypernet == 0.0 => format!(
+                "identity: nothing validated better than leaving captures alone ({g:+.2} dB)"
+            ),
+            Some(g) => {
+                let held = self
+                    .heldout_pair_psnr_db
+                    .map(|p| format!(", held-out pair {p:.2} dB"))
+                    .unwrap_or_default();
+                format!(
+                    "validated gain {g:+.2} dB over doing nothing (fit {:.2} dB{held})",
+                    self.self_psnr_db
+                )
+            }
+        }
+    }
+}
 
 fn lin(v: f32) -> f32 {
     if v <= 0.04045 {

@@ -6,10 +6,13 @@
 //! 4. the card says what the change does, how each pair registered and what validated.
 
 use super::align::{self, Registration, Similarity};
+use super::card::{Card, MIN_DISTRIBUTION_GAIN_DB, PairRegistration};
 use super::fit::{self, Base, Prior, Selection};
 use super::{Engine, Learned, bank, card, filterbank, quality, slice};
-use crate::store::{Card, PairRegistration};
 use crate::{Error, Frame, Result};
+
+/// Quantiles per channel that stand for a colour distribution.
+const QUANTILES: usize = 33;
 
 /// How `learn` builds a template; the defaults are the product's, the rest are for ablation.
 #[derive(Clone, Copy, Debug)]
@@ -76,9 +79,23 @@ impl Engine {
         });
         let sf = sf.map_err(|_| Error::Invalid("learn: the fit's worker thread failed".into()))?;
         lap("fit select");
-        let (delta, residual) = self.compose(&hyper, sf.as_ref(), opts.prior);
-        let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref(), opts.prior);
-        let card = self.card(pairs, sf.as_ref(), sr.as_ref(), &regs);
+        // with no pair registered, H's template is checked on the colour distributions instead
+        let unchecked = opts.closed_form && opts.prior == Prior::Hypernet;
+        let (gf, gr) = match (&sf, &sr) {
+            (None, None) if unchecked => (
+                Some(self.distribution_gain_db(pairs.iter().map(|(a, b)| (a, b)), &hyper)?),
+                Some(self.distribution_gain_db(pairs.iter().map(|(a, b)| (b, a)), &undo)?),
+            ),
+            _ => (None, None),
+        };
+        let prior = |g: Option<f32>| match g {
+            Some(g) if g < MIN_DISTRIBUTION_GAIN_DB => Prior::Zero,
+            _ => opts.prior,
+        };
+        let (delta, residual) = self.compose(&hyper, sf.as_ref(), prior(gf));
+        let (reverse_delta, reverse_residual) = self.compose(&undo, sr.as_ref(), prior(gr));
+        let mut card = self.card(pairs, (sf.as_ref(), sr.as_ref()), &regs, opts.prior);
+        card.distribution_gain_db = gf;
         let source_hist = histogram(pairs.iter().map(|(a, _)| a));
         let target_hist = histogram(pairs.iter().map(|(_, a2)| a2));
         lap("card");
@@ -108,6 +125,27 @@ impl Engine {
             }
         }
         Ok(delta)
+    }
+
+    /// How much closer G(delta, src) is to dst than src is, over the pairs, in dB of the squared
+    /// distance between per-channel quantiles: a registration-free check of H's template.
+    fn distribution_gain_db<'a>(
+        &self,
+        pairs: impl Iterator<Item = (&'a Frame, &'a Frame)>,
+        delta: &[f32],
+    ) -> Result<f32> {
+        let (mut before, mut after) = (0.0f64, 0.0f64);
+        for (src, dst) in pairs {
+            let edit = super::Edit {
+                delta,
+                residual: &[],
+            };
+            let out = self.apply_edit(edit, src)?;
+            let q = quantiles(dst);
+            before += distance(&quantiles(src), &q);
+            after += distance(&quantiles(&out), &q);
+        }
+        Ok((10.0 * (before.max(1e-12) / after.max(1e-12)).log10()) as f32)
     }
 
     /// Adds the pair `src -> dst` (dst registered onto src by `sim`) to `acc`, with
@@ -167,9 +205,9 @@ impl Engine {
     fn card(
         &self,
         pairs: &[(Frame, Frame)],
-        fwd: Option<&Selection>,
-        rev: Option<&Selection>,
+        (fwd, rev): (Option<&Selection>, Option<&Selection>),
         regs: &[Registration],
+        prior: Prior,
     ) -> Card {
         let mut ch = card::Change::default();
         let np = pairs.len() as f32;
@@ -211,6 +249,8 @@ impl Engine {
                     residual_px: r.residual_px.min(999.0) as f32,
                 })
                 .collect(),
+            zero_prior: prior == Prior::Zero,
+            distribution_gain_db: None,
         }
     }
 }
@@ -226,6 +266,25 @@ fn histogram<'a>(frames: impl ExactSizeIterator<Item = &'a Frame>) -> Vec<f32> {
         }
     }
     hist
+}
+
+/// Per-channel quantiles of a frame, from at most ~16k pixels.
+fn quantiles(f: &Frame) -> [[f32; QUANTILES]; 3] {
+    let n = f.width * f.height;
+    let step = n.div_ceil(16384).max(1);
+    std::array::from_fn(|c| {
+        let mut v: Vec<f32> = f.plane(c).iter().step_by(step).copied().collect();
+        v.sort_unstable_by(f32::total_cmp);
+        std::array::from_fn(|i| v[i * (v.len() - 1) / (QUANTILES - 1)])
+    })
+}
+
+fn distance(a: &[[f32; QUANTILES]; 3], b: &[[f32; QUANTILES]; 3]) -> f64 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum()
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@ pub use fit::Prior;
 pub use learn::LearnOptions;
 pub use model::{Models, Precision};
 
-use crate::store::{Card, SourcePair, Template, TemplateName};
 use crate::{Error, Frame, Result};
+use card::Card;
 
 pub struct Engine {
     pub models: Models,
@@ -51,29 +51,6 @@ impl Learned {
                 delta: &self.delta,
                 residual: &self.residual,
             }
-        }
-    }
-
-    /// The template to store: the one place a learned template gets its name and sources.
-    pub fn into_template(
-        self,
-        name: TemplateName,
-        model_hash: String,
-        created_unix: u64,
-        sources: Vec<SourcePair>,
-    ) -> Template {
-        Template {
-            name,
-            model_hash,
-            created_unix,
-            sources,
-            card: self.card,
-            delta: self.delta,
-            reverse_delta: self.reverse_delta,
-            residual: self.residual,
-            reverse_residual: self.reverse_residual,
-            source_hist: self.source_hist,
-            target_hist: self.target_hist,
         }
     }
 }

@@ -27,14 +27,24 @@ pub const GRID_MAX_ABS: f32 = 1e6;
 pub const CK: usize = 3 * K;
 pub const GRID_CH: usize = LBINS * CK;
 
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize, Default, clap::ValueEnum,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     Float,
     Int8,
+}
+
+/// For the CLI's `--precision` (clap parses through this, so the engine needs no clap).
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "float" => Ok(Precision::Float),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("{s:?}: expected float or int8")),
+        }
+    }
 }
 
 impl std::fmt::Display for Precision {

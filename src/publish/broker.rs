@@ -21,7 +21,8 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Starts a broker on 127.0.0.1:`port`; port 0 picks a free one (see `port()`).
+    /// Starts a broker on 127.0.0.1:`port`; port 0 picks a free one (see `port()`). A port
+    /// that something else already listens on is `LinkError::PortInUse`.
     pub fn start(port: u16) -> Result<EmbeddedBroker, LinkError> {
         Self::start_with(port, DEFAULT_MAX_PAYLOAD)
     }
@@ -49,6 +50,8 @@ impl EmbeddedBroker {
 
     fn try_start(port: u16, max_payload: usize) -> Result<EmbeddedBroker, LinkError> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // whatever else listens there would answer the readiness probe below as if it were us
+        check_free(addr)?;
         let server = ServerSettings {
             name: format!("takumi-{port}"),
             listen: addr,
@@ -98,6 +101,15 @@ impl EmbeddedBroker {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// `PortInUse` when something already listens on `addr` (on it or on the wildcard address).
+fn check_free(addr: SocketAddr) -> Result<(), LinkError> {
+    match TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(LinkError::PortInUse { addr }),
+        Err(e) => Err(LinkError::Broker(format!("cannot listen on {addr}: {e}"))),
     }
 }
 

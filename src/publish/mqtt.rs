@@ -63,6 +63,8 @@ pub enum LinkError {
     Stopped,
     #[error("embedded mqtt broker: {0}")]
     Broker(String),
+    #[error("embedded mqtt broker: {addr} is already in use")]
+    PortInUse { addr: std::net::SocketAddr },
 }
 
 impl LinkError {
@@ -407,6 +409,15 @@ impl MqttLink {
         Ok(seq)
     }
 
+    /// A handle that stores messages in this link's outbox from another task.
+    pub fn publisher(&self) -> DurablePublisher {
+        DurablePublisher {
+            shared: self.shared.clone(),
+            outbox: self.outbox.clone(),
+            max_packet_bytes: self.max_packet_bytes,
+        }
+    }
+
     /// Sends a status-like message now, without storing it: while disconnected it fails with
     /// `NotConnected`, and a message in flight when the connection drops is lost.
     pub fn publish_volatile(
@@ -484,15 +495,58 @@ impl MqttLink {
     }
 
     fn check_message(&self, topic: &str, payload_len: usize) -> Result<(), LinkError> {
-        check_topic(topic)?;
-        let size = wire_size(topic, payload_len);
-        if size > self.max_packet_bytes {
-            return Err(LinkError::TooLarge {
-                size,
-                max: self.max_packet_bytes,
-            });
-        }
-        Ok(())
+        check_message(topic, payload_len, self.max_packet_bytes)
+    }
+}
+
+/// Stores durable messages for a link from a task that does not own it (the service's event
+/// writer), so that an fsync there never holds up the task that owns the link.
+#[derive(Clone)]
+pub struct DurablePublisher {
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    max_packet_bytes: usize,
+}
+
+impl DurablePublisher {
+    /// `MqttLink::publish_durable` for events, replies and results of accepted work: not
+    /// retained, and it may use the outbox's reserve (`Outbox::push_reserved`), so that it is
+    /// stored even when the outbox is full.
+    pub async fn publish_reserved(&self, topic: &str, payload: Vec<u8>) -> Result<u64, LinkError> {
+        self.store(topic, payload, false, true).await
+    }
+
+    /// `MqttLink::publish_durable`, within the outbox's bounds.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<u64, LinkError> {
+        self.store(topic, payload, retain, false).await
+    }
+
+    async fn store(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        retain: bool,
+        reserved: bool,
+    ) -> Result<u64, LinkError> {
+        check_message(topic, payload.len(), self.max_packet_bytes)?;
+        let outbox = self.outbox.clone();
+        let topic = topic.to_string();
+        let seq = tokio::task::spawn_blocking(move || {
+            if reserved {
+                outbox.push_reserved(&topic, &payload, retain)
+            } else {
+                outbox.push(&topic, &payload, retain)
+            }
+        })
+        .await
+        .map_err(|_| LinkError::Stopped)??;
+        self.shared.wake.notify_one();
+        Ok(seq)
     }
 }
 
@@ -509,6 +563,15 @@ fn check_topic(topic: &str) -> Result<(), LinkError> {
             topic: topic.to_string(),
             reason: "must be non-empty, without wildcards".to_string(),
         });
+    }
+    Ok(())
+}
+
+fn check_message(topic: &str, payload_len: usize, max: usize) -> Result<(), LinkError> {
+    check_topic(topic)?;
+    let size = wire_size(topic, payload_len);
+    if size > max {
+        return Err(LinkError::TooLarge { size, max });
     }
     Ok(())
 }

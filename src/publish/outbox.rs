@@ -24,6 +24,11 @@ const TMP_EXT: &str = "tmp";
 /// when every entry has been acked and deleted.
 const SEQ_FILE: &str = "seq.next";
 const SEQ_BLOCK: u64 = 1024;
+/// Room beyond the bounds for `push_reserved`: a full outbox refuses work, but the events that
+/// say so must still be stored, or the refusal itself would vanish in a broker outage; and so
+/// must the results of work accepted just before the bound was reached (a few large JPEGs).
+pub const RESERVE_ENTRIES: usize = 256;
+pub const RESERVE_BYTES: u64 = 32 << 20;
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,12 +138,45 @@ impl Outbox {
     /// Stores a QoS 1 message durably (temp file, fsync, rename, fsync dir) and returns its
     /// sequence number. Fails with `Full` over the bounds and leaves nothing behind on error.
     pub fn push(&self, topic: &str, payload: &[u8], retain: bool) -> Result<u64, LinkError> {
+        self.push_within(topic, payload, retain, 0, 0)
+    }
+
+    /// Like `push`, but may also use `RESERVE_ENTRIES` / `RESERVE_BYTES` beyond the bounds:
+    /// for events, replies and the results of accepted work, so that nothing already done or
+    /// said is lost to a bound that exists to refuse new work.
+    pub fn push_reserved(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+    ) -> Result<u64, LinkError> {
+        self.push_within(topic, payload, retain, RESERVE_ENTRIES, RESERVE_BYTES)
+    }
+
+    /// Whether either bound is reached: callers refuse new work then, rather than doing it and
+    /// dropping its result.
+    pub fn is_full(&self) -> bool {
+        let st = self.lock();
+        st.entries.len() + st.writing.len() >= self.max_entries
+            || st.bytes + st.writing_bytes >= self.max_bytes
+    }
+
+    fn push_within(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        extra_entries: usize,
+        extra_bytes: u64,
+    ) -> Result<u64, LinkError> {
         let size = (HEADER_LEN + topic.len() + payload.len() + HASH_LEN) as u64;
         let seq = {
             let mut st = self.lock();
             let entries = st.entries.len() + st.writing.len();
             let bytes = st.bytes + st.writing_bytes;
-            if entries >= self.max_entries || bytes + size > self.max_bytes {
+            if entries >= self.max_entries + extra_entries
+                || bytes + size > self.max_bytes + extra_bytes
+            {
                 return Err(LinkError::Full { entries, bytes });
             }
             let seq = st.next_seq;

@@ -62,6 +62,9 @@ pub const THUMB_BYTES: usize = THUMB_SIDE * THUMB_SIDE * 3;
 /// Length of the trailing checksum.
 pub const CHECKSUM_LEN: usize = 32;
 
+use crate::engine::Learned;
+pub use crate::engine::card::{Card, PairRegistration, PartGains};
+
 const META_KEY: &str = "takumi";
 const T_DELTA: &str = "delta";
 const T_REV_DELTA: &str = "reverse_delta";
@@ -70,55 +73,6 @@ const T_REV_RESIDUAL: &str = "reverse_residual";
 const T_TARGET_HIST: &str = "target_hist";
 const T_HIST: &str = "source_hist";
 const T_THUMBS: &str = "thumbs";
-
-/// Explains the change; computed by the engine.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Card {
-    pub exposure_ev: f32,
-    pub wb_shift: [f32; 2],
-    pub contrast: f32,
-    pub saturation: f32,
-    pub sharpness: f32,
-    pub self_psnr_db: f32,
-    pub pairs: u32,
-    pub fit_used: bool,
-    /// Validated gain of the forward template over doing nothing, in dB (held-out regions
-    /// and pairs); None when no pair registered, so nothing could be validated.
-    #[serde(default)]
-    pub validated_gain_db: Option<f32>,
-    /// The same for the undo (`apply --reverse`).
-    #[serde(default)]
-    pub reverse_gain_db: Option<f32>,
-    /// What each kept part adds to the forward gain; 0 for a part left out.
-    #[serde(default)]
-    pub part_gains_db: PartGains,
-    /// With several pairs: mean PSNR on each pair of a fit made on the others.
-    #[serde(default)]
-    pub heldout_pair_psnr_db: Option<f32>,
-    /// How each pair registered, in order.
-    #[serde(default)]
-    pub registration: Vec<PairRegistration>,
-}
-
-/// Validated gain of each part of a template, in dB.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PartGains {
-    pub hypernet: f32,
-    pub tone: f32,
-    pub bank: f32,
-    pub position: f32,
-}
-
-/// The similarity that maps a pair's before onto its after (see engine::align).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct PairRegistration {
-    pub registered: bool,
-    pub dx: f32,
-    pub dy: f32,
-    pub angle_deg: f32,
-    pub scale: f32,
-    pub residual_px: f32,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourcePair {
@@ -223,24 +177,28 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-impl Card {
-    /// One line: what validated, or why nothing could be.
-    pub fn validation_summary(&self) -> String {
-        match self.validated_gain_db {
-            None => "not validated (no pair registered): the hypernetwork's template alone".into(),
-            Some(g) if !self.fit_used && self.part_gains_db.hypernet == 0.0 => format!(
-                "identity: nothing validated better than leaving captures alone ({g:+.2} dB)"
-            ),
-            Some(g) => {
-                let held = self
-                    .heldout_pair_psnr_db
-                    .map(|p| format!(", held-out pair {p:.2} dB"))
-                    .unwrap_or_default();
-                format!(
-                    "validated gain {g:+.2} dB over doing nothing (fit {:.2} dB{held})",
-                    self.self_psnr_db
-                )
-            }
+/// The store's side of `learn`: the engine knows nothing of names, sources or files.
+impl Learned {
+    /// The template to store: the one place a learned template gets its name and sources.
+    pub fn into_template(
+        self,
+        name: TemplateName,
+        model_hash: String,
+        created_unix: u64,
+        sources: Vec<SourcePair>,
+    ) -> Template {
+        Template {
+            name,
+            model_hash,
+            created_unix,
+            sources,
+            card: self.card,
+            delta: self.delta,
+            reverse_delta: self.reverse_delta,
+            residual: self.residual,
+            reverse_residual: self.reverse_residual,
+            source_hist: self.source_hist,
+            target_hist: self.target_hist,
         }
     }
 }
