@@ -160,6 +160,9 @@ pub struct EngineConfig {
     pub precision: Precision,
     /// Threads for the filter bank, slicing and tract's matrix kernels.
     pub threads: usize,
+    /// Memory `learn` and `apply` may take, in MB; a frame that would need more is refused up
+    /// front (0: no budget). Board profiles keep it under the unit's MemoryMax=.
+    pub memory_mb: u32,
 }
 
 impl Default for EngineConfig {
@@ -168,6 +171,7 @@ impl Default for EngineConfig {
             models: "models".into(),
             precision: Precision::Float,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            memory_mb: 0,
         }
     }
 }

@@ -47,6 +47,15 @@ pub enum Error {
     Config { key: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "{what} needs about {need_mb} MB, over the budget of {budget_mb} MB ([engine] memory_mb; \
+         keep it under the unit's MemoryMax=): send smaller frames, or raise both"
+    )]
+    Memory {
+        what: String,
+        need_mb: u64,
+        budget_mb: u32,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -214,11 +214,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn engine(cfg: &Config) -> anyhow::Result<Engine> {
-    Ok(Engine::load(
-        &cfg.engine.models,
-        cfg.engine.precision,
-        cfg.engine.threads,
-    )?)
+    Ok(
+        Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?
+            .with_memory_budget(cfg.engine.memory_mb),
+    )
 }
 
 fn thumb_rgb8(f: &Frame) -> Vec<u8> {

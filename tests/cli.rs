@@ -449,3 +449,49 @@ fn crafted_template_files_are_refused_not_panicked_on() {
     run_ok(takumi(&store).args(["templates", "show", "warm"]));
     apply_fails(&store, "warm", &cap, &out, "out of range");
 }
+
+/// Work over the memory budget is refused up front with one error naming the key, and nothing
+/// is stored or written; under the budget the same work goes through.
+#[test]
+fn work_over_the_memory_budget_is_refused_up_front() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, cfg) = (d.path().join("store"), d.path().join("small.toml"));
+    // the sample pair (544x384) needs ~68 MB to learn, a 640x427 capture ~59 MB to apply
+    std::fs::write(&cfg, "[engine]\nmemory_mb = 50\n").unwrap();
+    let s = samples();
+    let err = run_err(
+        takumi(&store)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["learn", "--name", "big", "--before"])
+            .arg(s.join("pair_before.jpg"))
+            .arg("--after")
+            .arg(s.join("pair_after.jpg")),
+    );
+    assert!(
+        err.contains("memory_mb") && err.contains("learning"),
+        "{err}"
+    );
+    assert!(snapshot(&store).is_empty(), "{:?}", snapshot(&store));
+    learn_sample(&store, "big");
+    let out = d.path().join("out.png");
+    let apply = |budget: u32| {
+        std::fs::write(&cfg, format!("[engine]\nmemory_mb = {budget}\n")).unwrap();
+        let mut c = takumi(&store);
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["apply", "--template", "big", "--input"]);
+        c.arg(s.join("captures/rocket.jpg"))
+            .arg("--output")
+            .arg(&out);
+        c
+    };
+    let err = run_err(&mut apply(50));
+    assert!(
+        err.contains("memory_mb") && err.contains("applying"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    run_ok(&mut apply(200));
+    assert!(out.exists());
+}

@@ -104,7 +104,8 @@ fn utc_now() -> String {
 
 pub async fn start(cfg: Config) -> Result<Running> {
     let watchdog = Watchdog::resolve(cfg.station.watchdog_s)?;
-    let engine = Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?;
+    let engine = Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?
+        .with_memory_budget(cfg.engine.memory_mb);
     let store = TemplateStore::open(&cfg.store.dir)?;
     let camera = capture::open(&cfg.camera).map_err(|e| Error::Config {
         key: "camera".into(),

@@ -49,6 +49,13 @@ impl Engine {
                 return Err(Error::Invalid("before and after differ in size".into()));
             }
         }
+        let largest = pairs
+            .iter()
+            .map(|(a, _)| a)
+            .max_by_key(|a| a.width * a.height);
+        if let Some(a) = largest {
+            self.check_memory(a, pairs.len())?;
+        }
         let t0 = std::time::Instant::now();
         let lap = |what: &str| {
             tracing::debug!(

@@ -24,7 +24,18 @@ use card::Card;
 pub struct Engine {
     pub models: Models,
     pub threads: usize,
+    /// MB that `learn` and `apply` may take (0: no budget); see [`Engine::peak_mb`].
+    pub memory_mb: u32,
 }
+
+/// Peak memory of the engine's work on w x h frames, as measured with `/usr/bin/time -v` on the
+/// release binary (learn of one pair: 289 MB at 1920x1080, 1,049 MB at 3840x2160; apply: 170
+/// and 553 MB): a base of models and code, plus bytes per pixel for the frames, blurs, planes
+/// and warps; each further pair of a learn holds two more f32 frames.
+const BASE_MB: f64 = 42.0;
+const LEARN_BYTES_PER_PX: f64 = 122.0;
+const PAIR_BYTES_PER_PX: f64 = 24.0;
+const APPLY_BYTES_PER_PX: f64 = 62.0;
 
 /// A template as `learn` makes it, before it is named and stored.
 pub struct Learned {
@@ -74,6 +85,40 @@ impl Engine {
         Ok(Engine {
             models: Models::load(models_dir, precision)?,
             threads,
+            memory_mb: 0,
+        })
+    }
+
+    /// The same engine under a memory budget in MB (0: none).
+    pub fn with_memory_budget(mut self, mb: u32) -> Self {
+        self.memory_mb = mb;
+        self
+    }
+
+    /// Estimated peak MB of `learn` (`pairs` > 0) or `apply` (`pairs` = 0) on w x h frames.
+    pub fn peak_mb(w: usize, h: usize, pairs: usize) -> u64 {
+        let px = (w * h) as f64;
+        let per_px = match pairs {
+            0 => APPLY_BYTES_PER_PX,
+            n => LEARN_BYTES_PER_PX + PAIR_BYTES_PER_PX * (n - 1) as f64,
+        };
+        (BASE_MB + px * per_px / 1e6).ceil() as u64
+    }
+
+    /// Refuses work the memory budget cannot hold, before any of it is allocated.
+    fn check_memory(&self, f: &Frame, pairs: usize) -> Result<()> {
+        let need_mb = Self::peak_mb(f.width, f.height, pairs);
+        if self.memory_mb == 0 || need_mb <= self.memory_mb as u64 {
+            return Ok(());
+        }
+        let what = match pairs {
+            0 => format!("applying to a {}x{} frame", f.width, f.height),
+            n => format!("learning from {n} pair(s) of {}x{}", f.width, f.height),
+        };
+        Err(Error::Memory {
+            what,
+            need_mb,
+            budget_mb: self.memory_mb,
         })
     }
 
@@ -106,6 +151,7 @@ impl Engine {
     /// B' = G(delta, B) + residual(B): one direction of a template.
     pub fn apply_edit(&self, edit: Edit, frame: &Frame) -> Result<Frame> {
         self.check(frame)?;
+        self.check_memory(frame, 0)?;
         if !edit.residual.is_empty() && edit.residual.len() != bank::NF * 3 {
             return Err(Error::Invalid(format!(
                 "the residual stage has {} values, expected {}",
