@@ -10,7 +10,8 @@ and the classical fits of eval.py, on four sets of held-out quads (A, A', B, B')
 * small: the pair is a 96 x 72 or 64 x 64 crop; B is a full 320 x 240 frame.
 
     models/train/.venv/bin/python models/train/eval_prior.py --bin target/release/takumi \
-        [--per-family 2] [--workers 1] [--json models/eval_prior.json] [--sets families,under]
+        [--per-family 2] [--workers 1] [--json models/eval_prior.json] [--sets families,under] \
+        [--precision int8]
 
 Prints markdown tables (mean PSNR against B' per set; per family for the families set) and
 writes every score to the json. A failing binary call is recorded with its stderr."""
@@ -87,11 +88,12 @@ def learn_apply(name, flags, A, A2, B):
     for x, f in ((A, "A.png"), (A2, "A2.png"), (B, "B.png")):
         ec.save_png(x, p(f))
     rec = dict(errors=[])
-    lr = ec.takumi("learn", "--before", p("A.png"), "--after", p("A2.png"), "--name", name, *flags)
+    prec = ["--precision", ec._W["args"].precision]
+    lr = ec.takumi("learn", "--before", p("A.png"), "--after", p("A2.png"), "--name", name, *flags, *prec)
     out = None
     if lr["rc"] == 0:
         rec["learn"] = lr["stdout"].splitlines()[-1] if lr["stdout"] else ""
-        ar = ec.takumi("apply", "--template", name, "--input", p("B.png"), "--output", p("out.png"))
+        ar = ec.takumi("apply", "--template", name, "--input", p("B.png"), "--output", p("out.png"), *prec)
         if ar["rc"] == 0:
             out = ec.load_png(p("out.png"))
         else:
@@ -158,6 +160,7 @@ def main():
     ap.add_argument("--per-family", type=int, default=2, help="quads per family in each set")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", default="float", choices=["float", "int8"], help="the models takumi runs")
     ap.add_argument("--sets", help="comma-separated subset of " + ",".join(SETS))
     ap.add_argument("--json", default=os.path.join(ec.REPO, "models", "eval_prior.json"))
     a = ap.parse_args()
