@@ -86,14 +86,10 @@ impl Engine {
         });
         let sf = sf.map_err(|_| Error::Invalid("learn: the fit's worker thread failed".into()))?;
         lap("fit select");
-        // with no pair registered, H's template is checked on the colour distributions instead
-        let unchecked = opts.closed_form && opts.prior == Prior::Hypernet;
-        let (gf, gr) = match (&sf, &sr) {
-            (None, None) if unchecked => (
-                Some(self.distribution_gain_db(pairs.iter().map(|(a, b)| (a, b)), &hyper)?),
-                Some(self.distribution_gain_db(pairs.iter().map(|(a, b)| (b, a)), &undo)?),
-            ),
-            _ => (None, None),
+        let (gf, gr) = if sf.is_none() && sr.is_none() {
+            self.distribution_gains(pairs, (&hyper, &undo), opts)?
+        } else {
+            (None, None)
         };
         let prior = |g: Option<f32>| match g {
             Some(g) if g < MIN_DISTRIBUTION_GAIN_DB => Prior::Zero,
@@ -132,6 +128,22 @@ impl Engine {
             }
         }
         Ok(delta)
+    }
+
+    /// With no pair registered (and H's prior in use), H's template and its undo are checked
+    /// on the colour distributions instead of pixel by pixel.
+    fn distribution_gains(
+        &self,
+        pairs: &[(Frame, Frame)],
+        (hyper, undo): (&[f32], &[f32]),
+        opts: LearnOptions,
+    ) -> Result<(Option<f32>, Option<f32>)> {
+        if !opts.closed_form || opts.prior != Prior::Hypernet {
+            return Ok((None, None));
+        }
+        let fwd = self.distribution_gain_db(pairs.iter().map(|(a, b)| (a, b)), hyper)?;
+        let rev = self.distribution_gain_db(pairs.iter().map(|(a, b)| (b, a)), undo)?;
+        Ok((Some(fwd), Some(rev)))
     }
 
     /// How much closer G(delta, src) is to dst than src is, over the pairs, in dB of the squared
