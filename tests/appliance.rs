@@ -29,14 +29,6 @@ impl Drop for Mosquitto {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// mosquitto on a free loopback port, or None (skipped) when it is not installed outside CI.
 fn mosquitto() -> Option<Mosquitto> {
     mosquitto_with("max_packet_size 16777216\n")
@@ -361,6 +353,17 @@ fn bad_payloads_give_error_events_and_change_nothing() {
     });
 }
 
+/// Learns the sample pair as `polish` over MQTT and arms it on station s1.
+async fn learn_and_arm(l: &mut Line) {
+    learn_over_mqtt(l).await;
+    l.send(
+        "s1",
+        json!({"id": "arm", "op": "apply", "template": "polish", "mode": "armed"}).to_string(),
+    )
+    .await;
+    assert_eq!(l.event("s1", "arm").await["code"], "armed");
+}
+
 async fn learn_over_mqtt(l: &mut Line) {
     let b64 =
         |p: PathBuf| base64::engine::general_purpose::STANDARD.encode(std::fs::read(p).unwrap());
@@ -568,13 +571,7 @@ fn armed_station_captures_on_its_interval() {
             .unwrap();
         let mut l = line(svc.broker_port.unwrap(), "takumi/#").await;
         l.online("s1").await;
-        learn_over_mqtt(&mut l).await;
-        l.send(
-            "s1",
-            json!({"id": "arm", "op": "apply", "template": "polish", "mode": "armed"}).to_string(),
-        )
-        .await;
-        assert_eq!(l.event("s1", "arm").await["code"], "armed");
+        learn_and_arm(&mut l).await;
         // no trigger is sent: the interval alone makes results
         for _ in 0..3 {
             l.wait(30, |t, _| {
@@ -766,13 +763,7 @@ fn a_full_outbox_refuses_work_with_events_that_outlive_the_outage() {
         let svc = takumi::appliance::service::start(cfg).await.unwrap();
         let mut l = line(m.port, "takumi/s1/#").await;
         l.online("s1").await;
-        learn_over_mqtt(&mut l).await;
-        l.send(
-            "s1",
-            json!({"id": "arm", "op": "apply", "template": "polish", "mode": "armed"}).to_string(),
-        )
-        .await;
-        assert_eq!(l.event("s1", "arm").await["code"], "armed");
+        learn_and_arm(&mut l).await;
         l.wait(60, |t, _| {
             t.starts_with("takumi/s1/result/") && t.ends_with("/image")
         })

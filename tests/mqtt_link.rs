@@ -1,6 +1,8 @@
 //! The MQTT link against real brokers: a mosquitto started per test, and the embedded rumqttd.
 //! Without mosquitto installed the mosquitto tests print SKIP, unless CI=true where they fail.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use takumi::publish::broker::EmbeddedBroker;
 use takumi::publish::mqtt::{
@@ -45,14 +48,6 @@ fn require_mosquitto(test: &str) -> Option<PathBuf> {
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Mosquitto {

@@ -44,6 +44,20 @@ fn quiet_env(store: &Path) -> Command {
 }
 
 /// Kills the station when the test ends, however it ends.
+/// `takumi run` with `cfg`, its stderr read line by line.
+fn run_station(store: &Path, cfg: &Path) -> (Child, Receiver<String>) {
+    let mut child = quiet_env(store)
+        .arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = stderr_lines(&mut child);
+    (child, rx)
+}
+
 struct Station(Child);
 
 impl Drop for Station {
@@ -133,15 +147,7 @@ fn run_logs_start_up_commands_and_results_in_plain_text() {
         .unwrap()
         .model_hash;
     let cfg = station_toml(d.path(), "logs", 0);
-    let mut child = quiet_env(&store)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = stderr_lines(&mut child);
+    let (child, rx) = run_station(&store, &cfg);
     let _station = Station(child);
     let mut seen = Vec::new();
 
@@ -201,15 +207,7 @@ fn run_names_the_port_key_when_the_broker_port_is_taken() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let cfg = station_toml(d.path(), "busy", port);
-    let mut child = quiet_env(&d.path().join("store"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let rx = stderr_lines(&mut child);
+    let (child, rx) = run_station(&d.path().join("store"), &cfg);
     let mut station = Station(child);
     let deadline = Instant::now() + Duration::from_secs(180);
     let status = loop {

@@ -214,14 +214,6 @@ fn notify_socket(dir: &std::path::Path) -> (std::path::PathBuf, UnixDatagram) {
     (path, sock)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn the_watchdog_systemd_sets_wins_over_the_config() {
     let d = tempfile::tempdir().unwrap();

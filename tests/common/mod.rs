@@ -83,3 +83,12 @@ pub fn learn_sample(store: &Path, name: &str) {
             .arg(s.join("pair_after.jpg")),
     );
 }
+
+/// A TCP port that was free a moment ago (for a broker or a station under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
