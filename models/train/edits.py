@@ -14,6 +14,9 @@ FAMILIES = [
     "mono_tint", "channel_mix", "split_tone", "selective_colour", "blur", "sharpen", "clarity",
     "vignette_add", "vignette_remove", "denoise",
 ]
+# families that training never samples: the pairs-only fine-tuning measurement (pairs_only_eval.py)
+# holds one out as "an edit family that training never saw"
+UNSEEN = ["cross_process"]
 # families whose "before" is made from the clean photo (the edit removes something)
 REMOVAL = {"vignette_remove", "denoise"}
 
@@ -107,6 +110,9 @@ def sample(rng, family=None):
         p = dict(strength=u(rng, 0.25, 0.7), power=u(rng, 1.0, 2.0))
     elif f == "denoise":
         p = dict(noise=u(rng, 0.02, 0.07), chroma=rng.random() < 0.5)
+    elif f == "cross_process":
+        # film cross-processing: red and green contrast up, blue shadows lifted and highlights cut
+        p = dict(kr=u(rng, 0.2, 0.6), kg=u(rng, 0.1, 0.4), lift=u(rng, 0.05, 0.2), cut=u(rng, 0.1, 0.3))
     else:
         raise ValueError(f"unknown edit family {f}")
     return f, p
@@ -185,6 +191,11 @@ def apply_one(x, f, p, gen=None):
         return x * (1 - p["strength"] * radial(x) ** p["power"])
     if f == "vignette_remove":
         return x / (1 - p["strength"] * radial(x) ** p["power"])
+    if f == "cross_process":
+        x = x.clamp(0, 1)
+        s_curve = lambda c, k: torch.where(c < 0.5, 0.5 * (2 * c) ** (1 + k), 1 - 0.5 * (2 - 2 * c) ** (1 + k))  # noqa: E731
+        b = p["lift"] + (1 - p["lift"] - p["cut"]) * x[:, 2:3]
+        return torch.cat([s_curve(x[:, :1], p["kr"]), s_curve(x[:, 1:2], p["kg"]), b], 1)
     if f == "denoise":
         return x  # the noise is added to the before image, see make_before
     raise ValueError(f)

@@ -49,6 +49,20 @@ pub enum Prior {
     Hypernet,
 }
 
+/// How a selection picks its base: by validation under a prior, or fixed (the undo takes the
+/// edit's base, so that a LoRA edit is undone by its LoRA Reverse, -H, plus its own parts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaseRule {
+    Choose(Prior),
+    Fixed(Base),
+}
+
+/// Validation scores of every choice of one direction, computed once (the costly part).
+pub struct Scored {
+    all: Normal,
+    scores: Scores,
+}
+
 /// Base of the fit: what the closed-form parts correct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Base {
@@ -154,13 +168,26 @@ impl Accumulator {
 
     /// Chooses base, parts and ridge strength by validation, then fits them on everything.
     pub fn select(&self, prior: Prior) -> Option<Selection> {
+        Some(self.select_from(self.scores()?, BaseRule::Choose(prior)))
+    }
+
+    /// The validation scores of every (base, parts, ridge); None with too few samples to fit.
+    pub fn scores(&self) -> Option<Scored> {
         let all = Normal::sum(&self.tiles);
         if all.n < 64 {
             return None;
         }
-        let folds = self.folds();
-        let scores = Scores::new(&folds);
-        let (base, set, lam) = scores.choose(prior);
+        let scores = Scores::new(&self.folds());
+        Some(Scored { all, scores })
+    }
+
+    /// The selection from scores computed by `scores`, under `rule`.
+    pub fn select_from(&self, scored: Scored, rule: BaseRule) -> Selection {
+        let Scored { all, scores } = scored;
+        let (base, set, lam) = match rule {
+            BaseRule::Choose(prior) => scores.choose(prior),
+            BaseRule::Fixed(base) => scores.on(base),
+        };
         let best = scores.get(base, set, lam);
         let part = |g: usize| {
             if set & (1 << g) == 0 {
@@ -189,7 +216,7 @@ impl Accumulator {
             None => all.rr[base as usize],
         };
         let (tone, residual) = unpack(d.as_deref(), set);
-        Some(Selection {
+        Selection {
             base,
             tone,
             residual,
@@ -197,7 +224,7 @@ impl Accumulator {
             part_gains_db,
             fit_psnr_db: psnr(fit_err, all.n),
             heldout_pair_psnr_db: self.heldout_pairs(base, set, lam),
-        })
+        }
     }
 
     /// (fit, validate) pairs of regions: the spatial splits, then leave one pair out.
@@ -316,21 +343,23 @@ impl Scores {
     /// silent is still worse than the fit's own smooth extrapolation when it is not better where
     /// the pair speaks.
     fn choose(&self, prior: Prior) -> (Base, u8, usize) {
-        let on = |base| {
-            let (b, s, l, _) = self.best_without(base, ALL);
-            self.prune(b, s, l)
-        };
-        let plain = on(Base::Identity);
+        let plain = self.on(Base::Identity);
         if prior == Prior::Zero {
             return plain;
         }
-        let h = on(Base::Hypernet);
+        let h = self.on(Base::Hypernet);
         let (eh, ep) = (self.get(h.0, h.1, h.2), self.get(plain.0, plain.1, plain.2));
         if gain_db(ep, eh) >= MIN_PART_GAIN_DB && eh < self.identity {
             h
         } else {
             plain
         }
+    }
+
+    /// The best parts and ridge on `base`, pruned.
+    fn on(&self, base: Base) -> (Base, u8, usize) {
+        let (b, s, l, _) = self.best_without(base, ALL);
+        self.prune(b, s, l)
     }
 
     /// Drops, one at a time, the parts that buy less than MIN_PART_GAIN_DB.
