@@ -1,5 +1,7 @@
 //! The station's configuration: TOML, checked at start-up. An unknown key or a bad value is an
-//! error that names the key.
+//! error that names the key. Each section is checked by the module that owns it; this module
+//! sits below the publisher and the appliance, so the sections they read (`[mqtt.tls]`,
+//! `[fleet]`) are plain data defined here, and they take it from here.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::{ImageLimits, SourceConfig};
 use crate::engine::Precision;
+pub use crate::engine::quality::QualityConfig;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -22,7 +25,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub outbox: OutboxConfig,
     pub display: DisplayConfig,
-    pub fleet: crate::appliance::fleet::FleetConfig,
+    pub fleet: FleetConfig,
 }
 
 impl Default for SourceConfig {
@@ -78,7 +81,7 @@ pub struct MqttSection {
     /// The password comes from this file or environment variable, never from the TOML.
     pub password_file: Option<PathBuf>,
     pub password_env: Option<String>,
-    pub tls: Option<crate::publish::mqtt::TlsConfig>,
+    pub tls: Option<TlsConfig>,
     pub keep_alive_s: u16,
 }
 
@@ -190,35 +193,82 @@ impl Default for StoreConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct QualityConfig {
-    /// Results whose quality-gate score exceeds this are flagged needs_review (docs/quality.md).
-    pub review_threshold: f32,
-    /// Results of a template whose validated gain over doing nothing (its card) is under this
-    /// many dB are flagged needs_review too; so are templates with no validated gain.
-    pub min_validated_gain_db: f32,
+/// PEM files for a TLS connection (rustls). The broker's name is checked against `host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
 }
 
-impl QualityConfig {
-    /// Whether a result needs an operator's look: B is unlike the template's source, or the
-    /// template (in the direction applied) did not validate well on its own pair.
-    pub fn needs_review(&self, score: f32, card: &crate::store::Card, reverse: bool) -> bool {
-        let gain = if reverse {
-            card.reverse_gain_db
-        } else {
-            card.validated_gain_db
-        };
-        score > self.review_threshold || gain.is_none_or(|g| g < self.min_validated_gain_db)
+/// The `[fleet]` section; the keys themselves are checked by `appliance::fleet` when the
+/// station starts, since one of them is read from a file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// The fleet's ed25519 public key, base64 (32 bytes). Absent: local-only mode.
+    pub public_key: Option<String>,
+    /// File holding the fleet's signing key (base64 of the 32-byte seed); only stations that
+    /// share their templates need it.
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl EngineConfig {
+    fn validate(&self) -> Result<()> {
+        if !(1..=64).contains(&self.threads) {
+            return Err(Error::config("engine.threads", "must be 1 to 64"));
+        }
+        Ok(())
     }
 }
 
-impl Default for QualityConfig {
-    fn default() -> Self {
-        QualityConfig {
-            review_threshold: 0.5,
-            min_validated_gain_db: 0.5,
+impl StationConfig {
+    fn validate(&self) -> Result<()> {
+        let id_ok = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+        if self.id.is_empty() || !self.id.bytes().all(id_ok) {
+            return Err(Error::config(
+                "station.id",
+                "must be letters, digits, - or _",
+            ));
         }
+        if self.prefix.is_empty() || self.prefix.contains(['#', '+']) {
+            return Err(Error::config(
+                "station.prefix",
+                "must be a non-empty topic without wildcards",
+            ));
+        }
+        if !(1..=1024).contains(&self.queue) {
+            return Err(Error::config("station.queue", "must be 1 to 1024"));
+        }
+        if self.watchdog_s == 0 || self.status_interval_s == 0 {
+            return Err(Error::config(
+                "station",
+                "watchdog_s and status_interval_s must be at least 1",
+            ));
+        }
+        // systemd takes the timeout as a 32-bit count of microseconds (71 minutes at most)
+        if self.watchdog_s > 3600 {
+            return Err(Error::config(
+                "station.watchdog_s",
+                "must be at most 3600 (one hour)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl MqttSection {
+    fn validate(&self) -> Result<()> {
+        if self.password_file.is_some() && self.password_env.is_some() {
+            return Err(Error::config(
+                "mqtt.password_file",
+                "give password_file or password_env, not both",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -243,68 +293,21 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Each section by its owner; the camera after the limits, which its frames must meet.
     fn validate(&self) -> Result<()> {
-        let bad = |key: &str, reason: &str| {
-            Err(Error::Config {
-                key: key.into(),
-                reason: reason.into(),
-            })
-        };
-        if !(1..=64).contains(&self.engine.threads) {
-            return bad("engine.threads", "must be 1 to 64");
-        }
-        if !(0.0..=1.0).contains(&self.quality.review_threshold) {
-            return bad("quality.review_threshold", "must be between 0 and 1");
-        }
-        if !(0.0..=60.0).contains(&self.quality.min_validated_gain_db) {
-            return bad("quality.min_validated_gain_db", "must be between 0 and 60");
-        }
-        let st = &self.station;
-        if st.id.is_empty()
-            || !st
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return bad("station.id", "must be letters, digits, - or _");
-        }
-        if st.prefix.is_empty() || st.prefix.contains(['#', '+']) {
-            return bad(
-                "station.prefix",
-                "must be a non-empty topic without wildcards",
-            );
-        }
-        if !(1..=1024).contains(&st.queue) {
-            return bad("station.queue", "must be 1 to 1024");
-        }
-        if st.watchdog_s == 0 || st.status_interval_s == 0 {
-            return bad(
-                "station",
-                "watchdog_s and status_interval_s must be at least 1",
-            );
-        }
-        // systemd takes the timeout as a 32-bit count of microseconds (71 minutes at most)
-        if st.watchdog_s > 3600 {
-            return bad("station.watchdog_s", "must be at most 3600 (one hour)");
-        }
+        self.engine.validate()?;
+        self.quality.validate()?;
+        self.station.validate()?;
         if self.outbox.max_entries == 0 {
-            return bad("outbox.max_entries", "must be at least 1");
+            return Err(Error::config("outbox.max_entries", "must be at least 1"));
         }
-        if self.mqtt.password_file.is_some() && self.mqtt.password_env.is_some() {
-            return bad(
-                "mqtt.password_file",
-                "give password_file or password_env, not both",
-            );
-        }
-        self.camera.validate().map_err(|e| Error::Config {
-            key: "camera".into(),
-            reason: e.to_string(),
-        })?;
-        let l = &self.limits;
-        if l.min_side < 64 || l.max_width < l.min_side || l.max_height < l.min_side {
-            return bad("limits", "need 64 <= min_side <= max_width, max_height");
-        }
-        Ok(())
+        self.mqtt.validate()?;
+        self.limits
+            .validate()
+            .map_err(|reason| Error::config("limits", reason))?;
+        self.camera
+            .validate(&self.limits)
+            .map_err(|e| Error::config("camera", e.to_string()))
     }
 }
 
@@ -361,5 +364,42 @@ fn key_at(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         (true, _) => key.to_string(),
         (false, true) => table,
         (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(text: &str) -> String {
+        match Config::parse(text) {
+            Err(Error::Config { key, .. }) => key,
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_camera_below_the_image_limits_fails_the_check() {
+        let cam = |w, h| format!("[camera]\nkind = \"synthetic\"\nwidth = {w}\nheight = {h}\n");
+        assert_eq!(key_of(&cam(1, 1)), "camera");
+        assert_eq!(key_of(&cam(640, 63)), "camera");
+        assert!(Config::parse(&cam(64, 64)).is_ok());
+        // the limits move the bound for the camera too
+        let big = format!("{}[limits]\nmin_side = 128\n", cam(96, 96));
+        assert_eq!(key_of(&big), "camera");
+    }
+
+    #[test]
+    fn each_section_names_its_key() {
+        assert_eq!(key_of("[engine]\nthreads = 0"), "engine.threads");
+        assert_eq!(
+            key_of("[quality]\nreview_threshold = 2.0"),
+            "quality.review_threshold"
+        );
+        assert_eq!(key_of("[station]\nid = \"a b\""), "station.id");
+        assert_eq!(key_of("[outbox]\nmax_entries = 0"), "outbox.max_entries");
+        assert_eq!(key_of("[limits]\nmin_side = 8"), "limits");
+        let both = "[mqtt]\npassword_file = \"p\"\npassword_env = \"P\"";
+        assert_eq!(key_of(both), "mqtt.password_file");
     }
 }

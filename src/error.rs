@@ -1,8 +1,6 @@
 //! The library's typed errors. Each message is one line that names the file and the problem.
 
-use std::path::PathBuf;
-
-use crate::store::StoreError;
+use std::path::{Path, PathBuf};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -33,6 +31,13 @@ pub enum Error {
         aw: usize,
         ah: usize,
     },
+    /// Inputs of one `apply` that could not be read, each named in `each`.
+    #[error("{failed} of {total} inputs failed, nothing was written: {each}")]
+    Inputs {
+        failed: usize,
+        total: usize,
+        each: String,
+    },
     #[error("{path}: cannot write output ({reason})")]
     Output { path: PathBuf, reason: String },
     #[error("template {name}: made for model {found}, but this station runs model {expected}")]
@@ -56,11 +61,43 @@ pub enum Error {
         need_mb: u64,
         budget_mb: u32,
     },
+    /// A template store error (`crate::store::StoreError`), kept whole for `source()`: the
+    /// store sits above this module, so it supplies the conversion.
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
+    /// The same error naming `path` where a decoder that reads no file says `<bytes>`.
+    pub fn at(self, path: &Path) -> Self {
+        match self {
+            Error::BadImage { reason, .. } => Error::BadImage {
+                path: path.into(),
+                reason,
+            },
+            Error::ImageSize {
+                width,
+                height,
+                limit,
+                ..
+            } => Error::ImageSize {
+                path: path.into(),
+                width,
+                height,
+                limit,
+            },
+            other => other,
+        }
+    }
+
+    /// A bad value under the config key `key`.
+    pub fn config(key: &str, reason: impl Into<String>) -> Self {
+        Error::Config {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

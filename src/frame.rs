@@ -1,6 +1,10 @@
 //! An RGB frame as planar f32 in [0, 1]: planar rows make the separable blurs and the slicing
 //! loops contiguous, which is what lets them vectorise.
 
+/// The smallest side a frame may have anywhere in takumi: the model's centre patch must fit.
+/// `[limits] min_side` may raise it, never lower it.
+pub const MIN_SIDE: usize = 64;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Frame {
     pub width: usize,

@@ -4,6 +4,8 @@
 //! apply templates) → `store` (templates on disk) → publish/display (the appliance).
 
 pub mod appliance;
+pub mod apply;
+pub mod atomic_write;
 pub mod bench;
 pub mod capture;
 pub mod config;

@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
+use takumi::Error;
 use takumi::capture::load_image;
 use takumi::config::Config;
 use takumi::engine::{Engine, LearnOptions, Precision, Prior};
-use takumi::publish::file::{Batch, ImageKind, PendingFile, encode};
-use takumi::store::{SourcePair, THUMB_SIDE, TemplateName, TemplateStore};
-use takumi::{Error, Frame};
+use takumi::publish::file::ImageKind;
+use takumi::store::{Template, TemplateName, TemplateStore};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +29,7 @@ struct Cli {
     /// Model folder (overrides the config).
     #[arg(long, global = true, env = "TAKUMI_MODELS")]
     models: Option<PathBuf>,
-    /// float or int8 (overrides the config).
+    /// float, f16 or int8 (overrides the config).
     #[arg(long, global = true)]
     precision: Option<Precision>,
     #[command(subcommand)]
@@ -98,6 +98,11 @@ enum TemplatesCmd {
     Rm { name: String },
 }
 
+/// The model folder the built-in defaults name (relative: a checkout's `models/`).
+const REPO_MODELS: &str = "models";
+/// Where the .deb installs the models (board/deb/build.sh).
+const PACKAGED_MODELS: &str = "/usr/share/takumi/models";
+
 /// Info for takumi's own lines; rumqttd logs every client disconnect as an error, so it stays
 /// quiet unless asked for, and tract's notes on its kernels are not news to an operator.
 const DEFAULT_LOG: &str = "info,rumqttd=off,tract_core=warn,tract_linalg=warn,tract_onnx=warn";
@@ -146,6 +151,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     if let Some(m) = cli.models {
         cfg.engine.models = m;
+    } else if cfg.engine.models == Path::new(REPO_MODELS)
+        && !cfg.engine.models.exists()
+        && Path::new(PACKAGED_MODELS).exists()
+    {
+        // the default is the repository's folder, for a checkout; an installed package keeps
+        // its models where board/deb/build.sh puts them, so `takumi` works there from any folder
+        // (and with neither, the error names the repository's folder)
+        cfg.engine.models = PACKAGED_MODELS.into();
     }
     if let Some(p) = cli.precision {
         cfg.engine.precision = p;
@@ -220,16 +233,6 @@ fn engine(cfg: &Config) -> anyhow::Result<Engine> {
     )
 }
 
-fn thumb_rgb8(f: &Frame) -> Vec<u8> {
-    let t = takumi::engine::filterbank::thumbnail(f);
-    Frame {
-        width: THUMB_SIDE,
-        height: THUMB_SIDE,
-        data: t,
-    }
-    .to_rgb8()
-}
-
 fn learn(
     cfg: &Config,
     before: &[PathBuf],
@@ -247,10 +250,9 @@ fn learn(
     }
     let store = TemplateStore::open(&cfg.store.dir)?;
     let mut pairs = Vec::new();
-    let mut sources = Vec::new();
     for (b, a) in before.iter().zip(after) {
-        let (fb, hb) = load_image(b, &cfg.limits)?;
-        let (fa, ha) = load_image(a, &cfg.limits)?;
+        let fb = load_image(b, &cfg.limits)?;
+        let fa = load_image(a, &cfg.limits)?;
         if (fb.width, fb.height) != (fa.width, fa.height) {
             return Err(Error::PairSize {
                 before: b.clone(),
@@ -262,24 +264,12 @@ fn learn(
             }
             .into());
         }
-        sources.push(SourcePair {
-            before_blake3: hb,
-            after_blake3: ha,
-            width: fb.width as u32,
-            height: fb.height as u32,
-            thumb_before: thumb_rgb8(&fb),
-            thumb_after: thumb_rgb8(&fa),
-        });
         pairs.push((fb, fa));
     }
     let eng = engine(cfg)?;
     let t0 = std::time::Instant::now();
-    let learned = eng.learn_with(&pairs, opts)?;
+    let t = Template::learn(&eng, name.clone(), &pairs, opts)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    let created_unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let t = learned.into_template(name.clone(), eng.models.hash.clone(), created_unix, sources);
     store.save(&t)?;
     let c = &t.card;
     println!(
@@ -310,9 +300,10 @@ fn is_image(p: &Path) -> bool {
     p.is_file() && ImageKind::from_path(p).is_some()
 }
 
-/// All or nothing: every input is read before anything is written (each unreadable one is
-/// named), outputs go to temporary names and are renamed into place only when all of them
-/// were made; on any failure no new file or folder is left behind.
+/// All or nothing: outputs go to temporary names and are renamed into place only when every
+/// input was read and made (each unreadable one is named); on any failure no new file or folder
+/// is left behind. Each input is decoded once. A success ends with a summary line on stderr
+/// (stdout keeps one line per output, for scripts); a progress bar shows on a terminal.
 fn apply(
     cfg: &Config,
     template: &str,
@@ -333,23 +324,29 @@ fn apply(
         .into());
     }
     let jobs = apply_jobs(input, output)?;
-    let unreadable: Vec<Error> = jobs
-        .iter()
-        .filter_map(|(i, _)| load_image(i, &cfg.limits).err())
-        .collect();
-    report_failures(jobs.len(), unreadable)?;
     let made = if input.is_dir() {
         create_dirs(output)?
     } else {
         Vec::new()
     };
-    let lines = render(cfg, &eng, &t, reverse, &jobs).and_then(|(batch, lines)| {
-        batch.commit()?;
-        Ok(lines)
+    let job = takumi::apply::Job {
+        cfg,
+        eng: &eng,
+        template: &t,
+        reverse,
+    };
+    let t0 = std::time::Instant::now();
+    let bar = progress_bar(jobs.len());
+    let lines = takumi::apply::render(&job, &jobs, || bar.inc(1)).and_then(|r| {
+        r.batch.commit()?;
+        Ok(r.lines)
     });
+    bar.finish_and_clear();
     match lines {
         Ok(lines) => {
             lines.iter().for_each(|l| println!("{l}"));
+            // a failure's summary is its one error line, which counts the failed inputs
+            eprintln!("{}", summary(jobs.len(), t0.elapsed()));
             Ok(())
         }
         Err(e) => {
@@ -358,6 +355,24 @@ fn apply(
             Err(e.into())
         }
     }
+}
+
+/// A bar on stderr when a person watches it; hidden otherwise, so logs and pipes stay clean.
+fn progress_bar(n: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if n < 2 || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let style = indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    indicatif::ProgressBar::new(n as u64).with_style(style)
+}
+
+/// `apply: 20 files, 0 failed, 41.3 ms per frame (decode, apply, encode, write)`.
+fn summary(files: usize, took: std::time::Duration) -> String {
+    let ms = took.as_secs_f64() * 1e3 / files.max(1) as f64;
+    let s = if files == 1 { "" } else { "s" };
+    format!("apply: {files} file{s}, 0 failed, {ms:.1} ms per frame (decode, apply, encode, write)")
 }
 
 /// (input, output) pairs: a folder input gives every image in it, to the same names in the
@@ -395,21 +410,6 @@ fn apply_jobs(input: &Path, output: &Path) -> anyhow::Result<Vec<(PathBuf, PathB
         .collect())
 }
 
-/// One error line that names every failed input, or Ok when none failed.
-fn report_failures(total: usize, mut failed: Vec<Error>) -> anyhow::Result<()> {
-    match failed.len() {
-        0 => Ok(()),
-        1 if total == 1 => Err(failed.remove(0).into()),
-        n => {
-            let each: Vec<String> = failed.iter().map(|e| e.to_string()).collect();
-            bail!(
-                "{n} of {total} inputs failed, nothing was written: {}",
-                each.join("; ")
-            )
-        }
-    }
-}
-
 /// Creates `dir` and its missing parents; returns those it made, innermost first.
 fn create_dirs(dir: &Path) -> takumi::Result<Vec<PathBuf>> {
     let missing: Vec<PathBuf> = dir
@@ -422,43 +422,6 @@ fn create_dirs(dir: &Path) -> takumi::Result<Vec<PathBuf>> {
         reason: e.to_string(),
     })?;
     Ok(missing)
-}
-
-/// Applies the template to every input, each result written to a temporary file of the
-/// batch; returns the batch and the lines to print once it is in place.
-fn render(
-    cfg: &Config,
-    eng: &Engine,
-    t: &takumi::store::Template,
-    reverse: bool,
-    jobs: &[(PathBuf, PathBuf)],
-) -> takumi::Result<(Batch, Vec<String>)> {
-    let mut batch = Batch::default();
-    let mut lines = Vec::with_capacity(jobs.len());
-    for (i, o) in jobs {
-        let (frame, _) = load_image(i, &cfg.limits)?;
-        // errors that are not about a file say which input they came from
-        let out = eng
-            .apply_edit(t.edit(reverse), &frame)
-            .map_err(|e| match e {
-                Error::Invalid(m) => Error::Invalid(format!("{}: {m}", i.display())),
-                other => other,
-            })?;
-        let kind = ImageKind::from_path(o).unwrap_or(ImageKind::Png);
-        batch.push(PendingFile::write(o, &encode(&out, kind)?)?);
-        let score = eng.score(t.gate_hist(reverse), &frame);
-        let flag = if cfg.quality.needs_review(score, &t.card, reverse) {
-            " needs_review"
-        } else {
-            ""
-        };
-        lines.push(format!(
-            "{} -> {}  score {score:.3}{flag}",
-            i.display(),
-            o.display()
-        ));
-    }
-    Ok((batch, lines))
 }
 
 fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {

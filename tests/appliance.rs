@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,69 +14,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use takumi::capture::SourceConfig;
 use takumi::config::{Config, DisplayKind};
-
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// mosquitto on a free loopback port, or None (skipped) when it is not installed outside CI.
-fn mosquitto() -> Option<Mosquitto> {
-    mosquitto_with("max_packet_size 16777216\n")
-}
-
-/// mosquitto with `extra` configuration lines; "" keeps its defaults (no packet size limit).
-fn mosquitto_with(extra: &str) -> Option<Mosquitto> {
-    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .into_iter()
-        .find(|p| Path::new(p).exists());
-    let Some(bin) = bin else {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "mosquitto is not installed, and CI=true: .ci/run must install it"
-        );
-        eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
-        return None;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let conf = dir.path().join("m.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n{extra}"
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Some(Mosquitto {
-                child,
-                port,
-                _dir: dir,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("mosquitto did not start");
-}
 
 /// A station config on `dir`, camera = a folder holding the sample pair (before, then after).
 fn station_cfg(dir: &Path, id: &str, port: u16, embedded: bool) -> Config {
@@ -244,7 +180,7 @@ async fn round_trip(cfg: Config, port: u16) {
         "{meta}"
     );
     let got = takumi::capture::file::decode_image(&img, &Default::default()).unwrap();
-    let (before, _) =
+    let before =
         takumi::capture::load_image(&samples().join("pair_before.jpg"), &Default::default())
             .unwrap();
     // the image is the template's edit of the capture: the engine, run here on the stored

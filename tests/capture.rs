@@ -501,8 +501,9 @@ fn dir_source_needs_a_folder_with_images() {
 
 #[test]
 fn synthetic_source_moves_and_repeats() {
-    let mut a = SyntheticSource::new(320, 240).unwrap();
-    let mut b = SyntheticSource::new(320, 240).unwrap();
+    let lim = ImageLimits::default();
+    let mut a = SyntheticSource::new(320, 240, &lim).unwrap();
+    let mut b = SyntheticSource::new(320, 240, &lim).unwrap();
     let frames: Vec<_> = (0..5).map(|_| a.next_frame().unwrap()).collect();
     for f in &frames {
         assert_eq!((f.width, f.height, f.data.len()), (320, 240, 3 * 320 * 240));
@@ -519,10 +520,12 @@ fn synthetic_source_moves_and_repeats() {
     let top = frames[0].to_rgb8();
     assert_eq!(pixel(&top, 320, 10, 10), [191, 191, 191]);
     assert_eq!(pixel(&top, 320, 5 * 40 + 10, 10), [191, 0, 0]);
-    let mut small = SyntheticSource::new(2, 2).unwrap();
-    assert_eq!(small.next_frame().unwrap().data.len(), 12);
-    assert!(SyntheticSource::new(0, 10).is_err());
-    assert!(SyntheticSource::new(10_000, 10).is_err());
+    let mut small = SyntheticSource::new(64, 64, &lim).unwrap();
+    assert_eq!(small.next_frame().unwrap().data.len(), 3 * 64 * 64);
+    // the same limits as every image: frames the engine could never apply are refused
+    for (w, h) in [(0, 10), (1, 1), (63, 64), (10_000, 10)] {
+        assert!(SyntheticSource::new(w, h, &lim).is_err(), "{w}x{h}");
+    }
 }
 
 #[test]
@@ -591,21 +594,28 @@ fn config_refuses_unknown_and_missing_keys() {
 #[test]
 fn open_builds_each_kind() {
     let dir = three_frames();
-    let mut src = open(&SourceConfig::Dir {
-        path: dir.path().into(),
-        looping: false,
-    })
+    let lim = ImageLimits::default();
+    let mut src = open(
+        &SourceConfig::Dir {
+            path: dir.path().into(),
+            looping: false,
+        },
+        &lim,
+    )
     .unwrap();
     assert!(src.describe().contains("once"));
     assert_eq!(colour(&src.next_frame().unwrap().data), 0);
 
-    let mut syn = open(&SourceConfig::Synthetic {
-        width: 64,
-        height: 48,
-    })
+    let mut syn = open(
+        &SourceConfig::Synthetic {
+            width: 96,
+            height: 64,
+        },
+        &lim,
+    )
     .unwrap();
     let f = syn.next_frame().unwrap();
-    assert_eq!((f.width, f.height), (64, 48));
+    assert_eq!((f.width, f.height), (96, 64));
 
     let cam = SourceConfig::V4l {
         device: "/nonexistent/video99".into(),
@@ -615,7 +625,7 @@ fn open_builds_each_kind() {
         fps: 30,
         buffers: 4,
     };
-    match open(&cam) {
+    match open(&cam, &lim) {
         Err(CaptureError::Device(msg)) => {
             assert!(msg.contains("/nonexistent/video99"), "{msg}");
             #[cfg(not(feature = "v4l"))]
@@ -645,14 +655,19 @@ fn open_checks_values_before_the_device() {
             width: 0,
             height: 48,
         },
+        SourceConfig::Synthetic {
+            width: 1,
+            height: 1,
+        },
     ] {
-        match open(&cfg) {
+        match open(&cfg, &ImageLimits::default()) {
             Err(CaptureError::Format(msg)) => assert!(!msg.contains('\n'), "{msg}"),
             Err(other) => panic!("{cfg:?}: expected Format, got {other:?}"),
             Ok(_) => panic!("{cfg:?}: accepted"),
         }
     }
-    assert!(cam(PixelFormat::Mjpeg, 641, 30, 4).validate().is_ok());
+    let lim = ImageLimits::default();
+    assert!(cam(PixelFormat::Mjpeg, 641, 30, 4).validate(&lim).is_ok());
 }
 
 #[test]

@@ -52,10 +52,9 @@ fn learn_apply_list_show_rm() {
     );
     assert_eq!(text.lines().count(), 3, "{text}");
     for n in ["chelsea", "astronaut", "rocket"] {
-        let (o, _) =
-            takumi::capture::load_image(&out.join(format!("{n}.jpg")), &Default::default())
-                .unwrap();
-        let (i, _) = takumi::capture::load_image(
+        let o = takumi::capture::load_image(&out.join(format!("{n}.jpg")), &Default::default())
+            .unwrap();
+        let i = takumi::capture::load_image(
             &samples().join(format!("captures/{n}.jpg")),
             &Default::default(),
         )
@@ -494,4 +493,38 @@ fn work_over_the_memory_budget_is_refused_up_front() {
     assert!(!out.exists());
     run_ok(&mut apply(200));
     assert!(out.exists());
+}
+
+#[test]
+fn folder_apply_matches_single_apply_and_ends_with_a_summary() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    learn_sample(&store, "warm");
+    let inputs = d.path().join("in");
+    captures_as(&inputs, &["a.jpg", "b.png", "c.jpg"]);
+    let out = d.path().join("out");
+    let o = apply_folder(&store, &inputs, &out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // stdout: one line per output, for scripts; the summary goes to stderr, last
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 3);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("apply: 3 files, 0 failed, "), "{err}");
+    assert!(last.contains(" ms per frame"), "{err}");
+    // each input decoded once, as a single apply decodes it: the same bytes either way
+    for n in ["a.jpg", "b.png", "c.jpg"] {
+        let single = d.path().join(format!("single-{n}"));
+        run_ok(
+            takumi(&store)
+                .args(["apply", "--template", "warm", "--input"])
+                .arg(inputs.join(n))
+                .arg("--output")
+                .arg(&single),
+        );
+        assert_eq!(
+            std::fs::read(out.join(n)).unwrap(),
+            std::fs::read(&single).unwrap(),
+            "{n}: the folder's output differs from a single apply's"
+        );
+    }
 }

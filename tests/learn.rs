@@ -13,9 +13,7 @@ use takumi::engine::{Engine, Precision};
 use takumi::frame::psnr;
 
 fn img(rel: &str) -> Frame {
-    load_image(&samples().join(rel), &ImageLimits::default())
-        .unwrap()
-        .0
+    load_image(&samples().join(rel), &ImageLimits::default()).unwrap()
 }
 
 fn engine() -> Engine {

@@ -1,18 +1,18 @@
 //! The MQTT link against real brokers: a mosquitto started per test, and the embedded rumqttd.
-//! Without mosquitto installed the mosquitto tests print SKIP, unless CI=true where they fail.
+//! Without mosquitto installed the mosquitto tests print SKIPPED, unless CI=true where they fail.
 
 mod common;
 
 use std::collections::HashMap;
 use std::fs;
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::{Mosquitto, free_port, have_mosquitto};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use takumi::publish::broker::EmbeddedBroker;
 use takumi::publish::mqtt::{
@@ -24,118 +24,8 @@ use tokio::task::JoinHandle;
 
 // ---------- helpers ----------
 
-fn mosquitto_bin() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from));
-    dirs.into_iter()
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file())
-}
-
-/// None means "skip this test"; under CI=true a missing mosquitto is a failure.
-fn require_mosquitto(test: &str) -> Option<PathBuf> {
-    let bin = mosquitto_bin();
-    if bin.is_none() {
-        if in_ci() {
-            panic!("{test}: mosquitto is not installed but CI=true (apt-get install mosquitto)");
-        }
-        eprintln!("SKIP {test}: mosquitto is not installed (apt-get install mosquitto)");
-    }
-    bin
-}
-
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-struct Mosquitto {
-    bin: PathBuf,
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Mosquitto {
-    /// `persistence`: keep sessions on disk (saved every second) across kill -9 and restart.
-    fn start(bin: &Path, port: u16, persistence: bool) -> Mosquitto {
-        Self::start_with(bin, port, persistence, "")
-    }
-
-    /// `extra`: more config lines for the listener (TLS).
-    fn start_with(bin: &Path, port: u16, persistence: bool, extra: &str) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = format!(
-            "listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence {persistence}\n\
-             persistence_location {}/\nautosave_interval 1\nuser root\nlog_dest stderr\n\
-             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
-            dir.path().display()
-        );
-        fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
-        let mut m = Mosquitto {
-            bin: bin.to_path_buf(),
-            port,
-            dir,
-            child: None,
-        };
-        m.spawn();
-        m
-    }
-
-    fn spawn(&mut self) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("mosquitto.log"))
-            .unwrap();
-        let mut child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(self.dir.path().join("mosquitto.conf"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("mosquitto exited ({status}):\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto not listening:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap(); // SIGKILL
-            c.wait().unwrap();
-        }
-    }
-
-    /// SIGSTOP: messages sent meanwhile sit unread and unacked in the broker's socket
-    /// buffers; a kill -9 after that loses them, so they must come from the outbox.
-    fn freeze(&self) {
-        let pid = self.child.as_ref().expect("running").id().to_string();
-        let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-        assert!(stopped.success());
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// Payload: message id (u64 LE) then a pattern derived from it, so damage is detected.
@@ -249,10 +139,10 @@ fn open_outbox(dir: &Path) -> Arc<Outbox> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_bulk_200_images_reach_subscriber() {
-    let Some(bin) = require_mosquitto("durable_bulk_200_images_reach_subscriber") else {
+    if !have_mosquitto() {
         return;
-    };
-    let broker = Mosquitto::start(&bin, free_port(), false);
+    }
+    let broker = Mosquitto::start(free_port(), false, "").unwrap();
     let sub = Subscriber::start(broker.port, "bulk-sub", "takumi/test/bulk").await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(dir.path());
@@ -304,13 +194,13 @@ async fn durable_bulk_200_images_reach_subscriber() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_twice_loses_nothing() {
-    let Some(bin) = require_mosquitto("broker_killed_twice_loses_nothing") else {
+    if !have_mosquitto() {
         return;
-    };
+    }
     // Broker persistence keeps the subscriber's session (and so its subscription and queue)
     // across kill -9: messages the link resends before the subscriber is back are queued
     // for it instead of dropped. The link itself relies only on its outbox.
-    let mut broker = Mosquitto::start(&bin, free_port(), true);
+    let mut broker = Mosquitto::start(free_port(), true, "").unwrap();
     let port = broker.port;
     let sub = Subscriber::start(port, "restart-sub", "takumi/test/restart").await;
     // Let the once-a-second autosave store the subscription before the first kill.
@@ -377,9 +267,9 @@ async fn broker_killed_twice_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_survives_a_crash_and_delivers_after_restart() {
-    let Some(bin) = require_mosquitto("outbox_survives_a_crash_and_delivers_after_restart") else {
+    if !have_mosquitto() {
         return;
-    };
+    }
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let n = 25u64;
@@ -396,7 +286,7 @@ async fn outbox_survives_a_crash_and_delivers_after_restart() {
         assert_eq!(outbox.len() as u64, n);
         assert_eq!(link.stats().acked, 0);
     }
-    let broker = Mosquitto::start(&bin, port, false);
+    let broker = Mosquitto::start(port, false, "").unwrap();
     let sub = Subscriber::start(port, "crash-sub", "takumi/test/crash").await;
     let outbox = open_outbox(dir.path());
     assert_eq!(outbox.len() as u64, n, "entries lost across the restart");
@@ -522,10 +412,10 @@ fn outbox_bounds_torn_entries_and_sequence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incoming_delivered_and_flood_dropped_without_hang() {
-    let Some(bin) = require_mosquitto("incoming_delivered_and_flood_dropped_without_hang") else {
+    if !have_mosquitto() {
         return;
-    };
-    let broker = Mosquitto::start(&bin, free_port(), false);
+    }
+    let broker = Mosquitto::start(free_port(), false, "").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(dir.path());
     let mut cfg = link_config(broker.port, "in-link");
@@ -619,6 +509,81 @@ async fn incoming_delivered_and_flood_dropped_without_hang() {
     eprintln!("flood: {flood} sent, {buffered} buffered, {dropped} dropped");
     assert_eq!(buffered, 4, "channel capacity");
     assert_eq!(dropped + buffered, flood);
+    other_task.abort();
+}
+
+/// A consumer that lags behind a flood still gets the messages its urgent check picks (a
+/// station's status requests): the flood fills the channel only up to the slots kept for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urgent_messages_pass_a_flood_that_is_dropped() {
+    let Some(broker) = Mosquitto::start(free_port(), false, "") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = link_config(broker.port, "urgent-link");
+    cfg.incoming_capacity = 4;
+    let urgent = Box::new(|topic: &str, payload: &[u8]| {
+        topic == "takumi/test/cmd" && payload.starts_with(b"urgent")
+    });
+    let (link, mut rx) = MqttLink::start_with_urgent(cfg, open_outbox(dir.path()), urgent).unwrap();
+    link.subscribe("takumi/test/cmd", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut o = MqttOptions::new("urgent-other", "127.0.0.1", broker.port);
+    o.set_keep_alive(Duration::from_secs(5));
+    let (other, mut el) = AsyncClient::new(o, 1000);
+    let other_task = tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let send = |p: Vec<u8>| {
+        let other = other.clone();
+        async move {
+            other
+                .publish("takumi/test/cmd", QoS::AtLeastOnce, false, p)
+                .await
+                .unwrap()
+        }
+    };
+    // probes until the subscription is active, then an empty channel
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            send(b"probe".to_vec()).await;
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("nothing arrived on the incoming channel");
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {}
+    let dropped_before = link.stats().dropped_incoming;
+
+    // a flood nobody reads, an urgent message in its midst, and more flood
+    let flood = 100u64;
+    for i in 0..flood {
+        if i == flood / 2 {
+            send(b"urgent 1".to_vec()).await;
+        }
+        send(format!("flood {i}").into_bytes()).await;
+    }
+    send(b"urgent 2".to_vec()).await;
+    wait_until("every message seen", Duration::from_secs(10), || {
+        link.stats().dropped_incoming - dropped_before + rx.len() as u64 >= flood + 2
+    })
+    .await;
+    let mut got = Vec::new();
+    while let Ok(m) = rx.try_recv() {
+        got.push(String::from_utf8(m.payload).unwrap());
+    }
+    let urgent: Vec<&String> = got.iter().filter(|p| p.starts_with("urgent")).collect();
+    assert_eq!(urgent, ["urgent 1", "urgent 2"], "received: {got:?}");
+    // the flood took the channel's own capacity, and the rest was dropped and counted
+    assert_eq!(got.len(), 4 + 2, "received: {got:?}");
+    assert_eq!(link.stats().dropped_incoming - dropped_before, flood - 4);
     other_task.abort();
 }
 
@@ -787,9 +752,9 @@ fn make_certs(dir: &Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_client_certificate() {
-    let Some(bin) = require_mosquitto("tls_with_client_certificate") else {
+    if !have_mosquitto() {
         return;
-    };
+    }
     let certs = tempfile::tempdir().unwrap();
     if !make_certs(certs.path()) {
         assert!(!in_ci(), "openssl is not installed but CI=true");
@@ -803,7 +768,7 @@ async fn tls_with_client_certificate() {
         c("server.pem").display(),
         c("server.key").display()
     );
-    let broker = Mosquitto::start_with(&bin, free_port(), false, &extra);
+    let broker = Mosquitto::start(free_port(), false, &extra).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(dir.path());
 
@@ -906,10 +871,10 @@ async fn next_payload(rx: &mut mpsc::UnboundedReceiver<Incoming>, topic: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn will_birth_volatile_and_clean_shutdown() {
-    let Some(bin) = require_mosquitto("will_birth_volatile_and_clean_shutdown") else {
+    if !have_mosquitto() {
         return;
-    };
-    let broker = Mosquitto::start(&bin, free_port(), false);
+    }
+    let broker = Mosquitto::start(free_port(), false, "").unwrap();
     let (mut rx, watch_task) = watcher(broker.port, "status-watch", "takumi/test/st/#").await;
     let dir = tempfile::tempdir().unwrap();
     let outbox = open_outbox(dir.path());

@@ -378,6 +378,17 @@ fn hand_built_files_with_valid_checksum() {
     assert_eq!(t.delta, [1.0, 2.0, 3.0]);
     assert_eq!(t.sources[0].thumb_after, vec![7; THUMB_BYTES]);
 
+    // a version 1 body of the usual tensors: delta, source histogram, `pairs` thumbnails
+    let v1 = |header: Option<&str>, pairs: usize| {
+        st_body(
+            header,
+            &[
+                ("delta", "F32", vec![1], f32s(&[1.0])),
+                hist_tensor("source_hist"),
+                thumbs(pairs),
+            ],
+        )
+    };
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "not a finite",
@@ -429,25 +440,11 @@ fn hand_built_files_with_valid_checksum() {
         ),
         (
             "source pairs",
-            st_body(
-                Some(&ok_header),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(2),
-                ],
-            ),
+            v1(Some(&ok_header), 2),
         ),
         (
             "source pairs",
-            st_body(
-                Some(&header_json(1, "hand", 3)),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(0),
-                ],
-            ),
+            v1(Some(&header_json(1, "hand", 3)), 0),
         ),
         (
             "expected",
@@ -473,58 +470,23 @@ fn hand_built_files_with_valid_checksum() {
         ),
         (
             "no takumi header",
-            st_body(
-                None,
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(1),
-                ],
-            ),
+            v1(None, 1),
         ),
         (
             "unknown field",
-            st_body(
-                Some(&ok_header.replacen('{', "{\"extra\":1,", 1)),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(1),
-                ],
-            ),
+            v1(Some(&ok_header.replacen('{', "{\"extra\":1,", 1)), 1),
         ),
         (
             "invalid template name",
-            st_body(
-                Some(&header_json(1, "../etc", 1)),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(1),
-                ],
-            ),
+            v1(Some(&header_json(1, "../etc", 1)), 1),
         ),
         (
             "not a finite",
-            st_body(
-                Some(&ok_header.replace("38.5", "1e300")),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(1),
-                ],
-            ),
+            v1(Some(&ok_header.replace("38.5", "1e300")), 1),
         ),
         (
             "format_version",
-            st_body(
-                Some(&ok_header.replace("\"format_version\":1,", "")),
-                &[
-                    ("delta", "F32", vec![1], f32s(&[1.0])),
-                    hist_tensor("source_hist"),
-                    thumbs(1),
-                ],
-            ),
+            v1(Some(&ok_header.replace("\"format_version\":1,", "")), 1),
         ),
         // Declared sizes whose sum overflows 64 bits, and no data at all.
         (
@@ -889,7 +851,7 @@ fn install_accepts_a_valid_file_and_replaces_atomically() {
 fn values_at_the_bounds_never_give_nan_pixels() {
     let eng = Engine::load(&common::models(), Precision::Float, 1).unwrap();
     let cap = common::samples().join("captures/rocket.jpg");
-    let (frame, _) = load_image(&cap, &Default::default()).unwrap();
+    let frame = load_image(&cap, &Default::default()).unwrap();
     let n = eng.models.template_len;
     let finite = |f: &takumi::Frame| f.data.iter().all(|v| v.is_finite());
     let zeros = vec![0.0; n];

@@ -91,7 +91,15 @@ fn unit_verifies_and_is_hardened() {
     );
 }
 
-fn station_config(dir: &std::path::Path, port: u16, watchdog_s: u64) -> std::path::PathBuf {
+/// The synthetic test pattern as the camera.
+const PATTERN: &str = "kind = \"synthetic\"\nwidth = 320\nheight = 240";
+
+fn station_config(
+    dir: &std::path::Path,
+    port: u16,
+    watchdog_s: u64,
+    camera: &str,
+) -> std::path::PathBuf {
     let cfg = format!(
         r#"
 [engine]
@@ -104,9 +112,7 @@ id = "wd"
 watchdog_s = {watchdog_s}
 status_interval_s = 1
 [camera]
-kind = "synthetic"
-width = 320
-height = 240
+{camera}
 [mqtt]
 port = {port}
 [broker]
@@ -139,11 +145,17 @@ fn ready_then_watchdog_pings_stop_when_the_pipeline_stalls() {
     let d = tempfile::tempdir().unwrap();
     let (sock_path, sock) = notify_socket(d.path());
     let port = free_port();
-    let cfg = station_config(d.path(), port, 2);
-    let mut child = run_station(&cfg, &sock_path)
-        .env("TAKUMI_TEST_STALL", "1")
-        .spawn()
+    // a camera that hangs for real: a folder whose one frame is a named pipe no one writes
+    let cam = d.path().join("cam");
+    std::fs::create_dir(&cam).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(cam.join("frame.png"))
+        .status()
         .unwrap();
+    assert!(made.success(), "mkfifo failed");
+    let camera = format!("kind = \"dir\"\npath = \"{}\"", cam.display());
+    let cfg = station_config(d.path(), port, 2, &camera);
+    let mut child = run_station(&cfg, &sock_path).spawn().unwrap();
     let first = pings(&sock, 10.0);
     // with no watchdog from systemd, the config's is handed to it with READY
     assert!(
@@ -156,7 +168,7 @@ fn ready_then_watchdog_pings_stop_when_the_pipeline_stalls() {
         first.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
         "no watchdog pings: {first:?}"
     );
-    // any command reaches the pipeline thread, which the test hook then blocks
+    // a capture reaches the pipeline thread, which then blocks reading the pipe
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,7 +181,7 @@ fn ready_then_watchdog_pings_stop_when_the_pipeline_stalls() {
                 "takumi/wd/cmd",
                 rumqttc::QoS::AtLeastOnce,
                 false,
-                r#"{"id":"x","op":"templates.list"}"#,
+                r#"{"id":"x","op":"capture_before"}"#,
             )
             .await
             .unwrap();
@@ -219,7 +231,7 @@ fn the_watchdog_systemd_sets_wins_over_the_config() {
     let d = tempfile::tempdir().unwrap();
     let (sock_path, sock) = notify_socket(d.path());
     // the config says 30 s (a ping every 10 s); systemd says 1.5 s (a ping every 0.5 s)
-    let cfg = station_config(d.path(), free_port(), 30);
+    let cfg = station_config(d.path(), free_port(), 30, PATTERN);
     let mut child = run_station(&cfg, &sock_path)
         .env("WATCHDOG_USEC", "1500000")
         .spawn()
@@ -391,7 +403,7 @@ fn trace_run(
     sock: &UnixDatagram,
 ) -> std::path::PathBuf {
     let summary = dir.join("run.strace");
-    let cfg = station_config(dir, free_port(), 2);
+    let cfg = station_config(dir, free_port(), 2, PATTERN);
     let child = strace(&summary)
         .arg("--config")
         .arg(&cfg)

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 
+use super::line_client::LineClient;
 use super::service;
 use crate::capture::file::decode_image;
 use crate::config::Config;
@@ -18,60 +18,6 @@ use crate::{Error, Result};
 
 fn err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("demo: {e}"))
-}
-
-struct Client {
-    client: AsyncClient,
-    rx: tokio::sync::mpsc::Receiver<(String, Vec<u8>)>,
-    root: String,
-}
-
-impl Client {
-    async fn send(&self, cmd: Value) -> Result<()> {
-        self.client
-            .publish(
-                format!("{}/cmd", self.root),
-                QoS::AtLeastOnce,
-                false,
-                cmd.to_string(),
-            )
-            .await
-            .map_err(err)
-    }
-
-    /// Next message whose topic satisfies `want`, within `secs`.
-    async fn wait(
-        &mut self,
-        secs: u64,
-        mut want: impl FnMut(&str, &[u8]) -> bool,
-    ) -> Result<(String, Vec<u8>)> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.rx.recv())
-                .await
-                .map_err(|_| err("timed out waiting for the station"))?
-                .ok_or_else(|| err("connection closed"))?;
-            if want(&m.0, &m.1) {
-                return Ok(m);
-            }
-        }
-    }
-
-    /// Waits for the event answering `request`; an error event is the demo's error.
-    async fn ack(&mut self, request: &str, code: &str) -> Result<Value> {
-        let root = self.root.clone();
-        let (_, p) = self
-            .wait(60, |t, p| {
-                t == format!("{root}/event")
-                    && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["request_id"] == request)
-            })
-            .await?;
-        let v: Value = serde_json::from_slice(&p).map_err(err)?;
-        if v["code"] != code {
-            return Err(err(format!("{request}: {}", v["message"])));
-        }
-        Ok(v)
-    }
 }
 
 pub async fn run(mut cfg: Config, samples: &Path, out: &Path) -> Result<()> {
@@ -85,41 +31,8 @@ pub async fn run(mut cfg: Config, samples: &Path, out: &Path) -> Result<()> {
     let started_ms = t0.elapsed().as_secs_f64() * 1e3;
     let root = cfg.topic_root();
 
-    let mut opts = MqttOptions::new(
-        format!("takumi-demo-{}", std::process::id()),
-        "127.0.0.1",
-        port,
-    );
-    opts.set_max_packet_size(16 << 20, 16 << 20);
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut ev) = AsyncClient::new(opts, 64);
-    let (tx, rx) = tokio::sync::mpsc::channel(256);
-    tokio::spawn(async move {
-        while let Ok(e) = ev.poll().await {
-            if let Event::Incoming(Packet::Publish(p)) = e
-                && tx
-                    .send((p.topic.clone(), p.payload.to_vec()))
-                    .await
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
-    client
-        .subscribe(format!("{root}/#"), QoS::AtLeastOnce)
-        .await
-        .map_err(err)?;
-    let mut c = Client {
-        client,
-        rx,
-        root: root.clone(),
-    };
-    // the station announces itself (retained) once it is connected
-    c.wait(30, |t, p| {
-        t == format!("{root}/available") && p == b"online"
-    })
-    .await?;
+    let mut c =
+        LineClient::connect("takumi-demo", port, root.clone(), Duration::from_secs(60)).await?;
 
     let b64 = |p: &Path| -> Result<String> {
         Ok(base64::engine::general_purpose::STANDARD
@@ -150,28 +63,7 @@ pub async fn run(mut cfg: Config, samples: &Path, out: &Path) -> Result<()> {
         let t = Instant::now();
         c.send(json!({"id": format!("trig-{i}"), "op": "trigger"}))
             .await?;
-        let mut meta: Option<Value> = None;
-        let mut image: Option<Vec<u8>> = None;
-        let res = format!("{root}/result/");
-        while meta.is_none() || image.is_none() {
-            let (topic, p) = c
-                .wait(60, |t, _| {
-                    t.starts_with(&res) || t == format!("{root}/event")
-                })
-                .await?;
-            if topic.ends_with("/image") {
-                image = Some(p);
-            } else if topic.starts_with(&res) {
-                meta = Some(serde_json::from_slice(&p).map_err(err)?);
-            } else if let Ok(v) = serde_json::from_slice::<Value>(&p)
-                && v["level"] == "error"
-            {
-                return Err(err(format!("{}", v["message"])));
-            }
-        }
-        let (Some(meta), Some(image)) = (meta, image) else {
-            return Err(err("no result"));
-        };
+        let (meta, image) = c.result().await?;
         results.push((meta, image, t.elapsed().as_secs_f64() * 1e3));
     }
     c.send(json!({"id": "disarm-1", "op": "disarm"})).await?;
@@ -183,7 +75,7 @@ pub async fn run(mut cfg: Config, samples: &Path, out: &Path) -> Result<()> {
             .await?;
         let topic = format!("{root}/result/{id}");
         let (_, p) = c
-            .wait(30, |t, p| {
+            .wait(|t, p| {
                 t == topic
                     && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["state"] == "approved")
             })

@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::protocol::{Event, Level};
+use super::journal;
+use super::protocol::{Event, Level, ResultMeta};
 use super::station::Counters;
 use crate::publish::mqtt::DurablePublisher;
 
@@ -50,7 +51,7 @@ impl Drops {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCounts {
     pub refused_commands: u64,
     pub refused_captures: u64,
@@ -59,7 +60,7 @@ pub struct DropCounts {
 }
 
 /// The status's `counters` object: the pipeline's counters and the service's, side by side.
-#[derive(Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusCounters {
     #[serde(flatten)]
     pub station: Counters,
@@ -74,8 +75,7 @@ enum Item {
     /// A result's messages (image, then metadata), from work already accepted: they may use the
     /// reserve. After a failure the rest is skipped, so no metadata goes out without its image.
     Result {
-        id: String,
-        request_id: String,
+        meta: ResultMeta,
         parts: Vec<(String, Vec<u8>)>,
     },
     /// A template for the fleet topic: retained, and within the bounds (new work for others).
@@ -125,13 +125,11 @@ impl EventQueue {
         }
     }
 
-    /// Queues a result, waiting for room: results hold the pipeline back rather than vanish.
-    pub async fn result(&self, id: String, request_id: String, parts: Vec<(String, Vec<u8>)>) {
-        let item = Item::Result {
-            id,
-            request_id,
-            parts,
-        };
+    /// Queues a result (or its new state), waiting for room: results hold the pipeline back
+    /// rather than vanish. Its log line is written once it is stored, not before: a result the
+    /// log names must survive a crash (tests/faults.rs kills the station at random moments).
+    pub async fn result(&self, meta: ResultMeta, parts: Vec<(String, Vec<u8>)>) {
+        let item = Item::Result { meta, parts };
         if self.tx.send(item).await.is_err() {
             Drops::count(&self.drops.dropped_results);
         }
@@ -166,16 +164,8 @@ impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Item>) {
         while let Some(item) = rx.recv().await {
             match item {
-                Item::Notice { topic, payload } => {
-                    if let Err(e) = self.publisher.publish_reserved(&topic, payload).await {
-                        lost(&self.drops, &e);
-                    }
-                }
-                Item::Result {
-                    id,
-                    request_id,
-                    parts,
-                } => self.result(id, request_id, parts).await,
+                Item::Notice { topic, payload } => self.store_or_send(&topic, payload).await,
+                Item::Result { meta, parts } => self.result(meta, parts).await,
                 Item::Fleet { name, topic, file } => {
                     if let Err(e) = self.publisher.publish(&topic, file, true).await {
                         let msg = format!("fleet template {name}: {e}");
@@ -186,14 +176,36 @@ impl Writer {
         }
     }
 
-    async fn result(&self, id: String, request_id: String, parts: Vec<(String, Vec<u8>)>) {
+    async fn result(&self, meta: ResultMeta, parts: Vec<(String, Vec<u8>)>) {
         for (topic, payload) in parts {
             if let Err(e) = self.publisher.publish_reserved(&topic, payload).await {
                 Drops::count(&self.drops.dropped_results);
-                self.failed(Level::Error, format!("result {id}: {e}"), Some(request_id))
+                let message = format!("result {}: {e}", meta.id);
+                self.failed(Level::Error, message, Some(meta.request_id))
                     .await;
                 return;
             }
+        }
+        journal::result(&meta);
+    }
+
+    /// Stores an event or reply. When the outbox cannot (its disk is full or failing, or the
+    /// reserve is full too), it is sent at once without storing, so that a connected line still
+    /// hears it: a full disk must not silence the events that say so. Dropped only when that
+    /// fails too.
+    async fn store_or_send(&self, topic: &str, payload: Vec<u8>) {
+        let Err(e) = self
+            .publisher
+            .publish_reserved(topic, payload.clone())
+            .await
+        else {
+            return;
+        };
+        match self.publisher.publish_volatile(topic, payload) {
+            Ok(()) => {
+                tracing::warn!(error = %e, %topic, "event not stored, sent without the outbox")
+            }
+            Err(_) => lost(&self.drops, &e),
         }
     }
 
@@ -207,13 +219,7 @@ impl Writer {
             request_id,
         };
         let payload = serde_json::to_vec(&e).unwrap_or_default();
-        if let Err(err) = self
-            .publisher
-            .publish_reserved(&self.event_topic, payload)
-            .await
-        {
-            lost(&self.drops, &err);
-        }
+        self.store_or_send(&self.event_topic, payload).await;
     }
 }
 

@@ -3,25 +3,15 @@
 //! is local-only: it ignores the fleet topic. Payload: `TKS1`, the 64-byte signature of the
 //! template file, then the template file (the store's format).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use serde::{Deserialize, Serialize};
 
+pub use crate::config::FleetConfig;
 use crate::{Error, Result};
 
 pub const MAGIC: &[u8; 4] = b"TKS1";
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FleetConfig {
-    /// The fleet's ed25519 public key, base64 (32 bytes). Absent: local-only mode.
-    pub public_key: Option<String>,
-    /// File holding the fleet's signing key (base64 of the 32-byte seed); only stations that
-    /// share their templates need it.
-    pub signing_key_file: Option<PathBuf>,
-}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum FleetError {

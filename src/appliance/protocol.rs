@@ -5,6 +5,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::events::StatusCounters;
+use crate::publish::mqtt::LinkStats;
+
 /// Longest accepted request id; ids are echoed into topics and events.
 pub const MAX_ID: usize = 64;
 
@@ -132,6 +135,22 @@ pub fn request_id(payload: &[u8]) -> Option<String> {
     let v: Value = serde_json::from_slice(payload).ok()?;
     let id = v.get("id")?.as_str()?;
     valid_id(id).then(|| id.to_string())
+}
+
+/// Whether a payload is a well-formed `status` command (a valid id, no other field), read
+/// without decoding another op's fields: the service answers it before anything is queued.
+pub fn is_status_request(payload: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Envelope {
+        id: String,
+        op: String,
+    }
+    // a derived struct also reads a JSON array (`["id", "status"]`), which `parse_command`
+    // refuses as not an object: only an object may be answered as a status request
+    payload.trim_ascii_start().starts_with(b"{")
+        && serde_json::from_slice::<Envelope>(payload)
+            .is_ok_and(|e| e.op == "status" && valid_id(&e.id))
 }
 
 fn b64(op: &str, field: &str, s: &str) -> Result<Vec<u8>, ProtocolError> {
@@ -274,4 +293,70 @@ pub struct ResultMeta {
     pub height: u32,
     pub latency_ms: f32,
     pub created_unix_ms: u64,
+}
+
+/// Whether the station applies to every capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StationState {
+    Idle,
+    Armed,
+}
+
+/// The retained snapshot on `<prefix>/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Status {
+    pub state: StationState,
+    pub version: String,
+    /// The short model hash templates are bound to.
+    pub model: String,
+    pub precision: String,
+    pub uptime_s: u64,
+    /// Jobs waiting for the pipeline.
+    pub queue_depth: usize,
+    /// Outbox entries waiting for their PUBACK.
+    pub outbox: usize,
+    pub link: LinkStats,
+    pub counters: StatusCounters,
+}
+
+/// The reply to `templates.list`, on `<prefix>/templates`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesReply {
+    pub request_id: String,
+    pub templates: Vec<TemplateInfo>,
+}
+
+/// One stored template, as `templates.list` describes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateInfo {
+    pub name: String,
+    pub pairs: u32,
+    pub self_psnr_db: f32,
+    pub created_unix: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the command_json fuzz target (fuzz/corpus/command_json/status_as_array): the
+    /// service answered status to an array that the pipeline refuses as a bad command.
+    #[test]
+    fn a_status_request_is_an_object_the_pipeline_reads_as_status() {
+        for p in [&br#"["ab","status"]"#[..], br#" ["ab", "status"] "#] {
+            assert!(!is_status_request(p), "{}", String::from_utf8_lossy(p));
+            assert!(parse_command(p).is_err());
+        }
+        for p in [
+            &br#"{"id":"ab","op":"status"}"#[..],
+            b" \n{\"op\":\"status\",\"id\":\"ab\"}",
+        ] {
+            assert!(is_status_request(p), "{}", String::from_utf8_lossy(p));
+            assert_eq!(parse_command(p).map(|c| c.op), Ok(Op::Status));
+        }
+    }
 }

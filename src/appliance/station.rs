@@ -5,20 +5,21 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::fleet::FleetKeys;
 use super::protocol::{
-    ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, parse_command, request_id,
+    ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, TemplateInfo, parse_command,
+    request_id,
 };
 use crate::capture::file::decode_image;
 use crate::capture::{FrameSource, ImageLimits};
 use crate::config::QualityConfig;
 use crate::display::RgbImage8;
-use crate::engine::Engine;
+use crate::engine::{Engine, LearnOptions};
 use crate::frame::Frame;
 use crate::publish::file::{ImageKind, encode};
-use crate::store::{SourcePair, Template, TemplateName, TemplateStore};
+use crate::store::{Template, TemplateName, TemplateStore};
 
 /// Results kept for approve/reject (with display-size copies, about 0.5 MB each); older ones can
 /// no longer be approved. Bounds the station's memory however many results it makes.
@@ -44,6 +45,9 @@ pub enum Outgoing {
         name: String,
         file: Vec<u8>,
     },
+    /// Publish the status now (the service answers most `status` commands before they are
+    /// queued; this is the same publication for one that reaches the station).
+    Status,
     /// The latest approved result, for the local display.
     Approved {
         meta: ResultMeta,
@@ -52,15 +56,7 @@ pub enum Outgoing {
     },
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct TemplateInfo {
-    pub name: String,
-    pub pairs: u32,
-    pub self_psnr_db: f32,
-    pub created_unix: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub commands: u64,
     pub captures: u64,
@@ -277,32 +273,13 @@ impl Station {
                         ),
                     ));
                 }
-                let learned = self
-                    .engine
-                    .learn(&[(before.clone(), after.clone())])
-                    .map_err(|e| ("learn_failed", e.to_string()))?;
-                let thumb = |f: &Frame| {
-                    Frame {
-                        width: crate::store::THUMB_SIDE,
-                        height: crate::store::THUMB_SIDE,
-                        data: crate::engine::filterbank::thumbnail(f),
-                    }
-                    .to_rgb8()
-                };
-                let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
-                let t = learned.into_template(
+                let t = Template::learn(
+                    &self.engine,
                     name.clone(),
-                    self.engine.models.hash.clone(),
-                    now_ms() / 1000,
-                    vec![SourcePair {
-                        before_blake3: hash(&before),
-                        after_blake3: hash(&after),
-                        width: before.width as u32,
-                        height: before.height as u32,
-                        thumb_before: thumb(&before),
-                        thumb_after: thumb(&after),
-                    }],
-                );
+                    &[(before, after)],
+                    LearnOptions::default(),
+                )
+                .map_err(|e| ("learn_failed", e.to_string()))?;
                 self.store
                     .save(&t)
                     .map_err(|e| ("store_failed", e.to_string()))?;
@@ -430,12 +407,7 @@ impl Station {
                     Some(&id),
                 )])
             }
-            Op::Status => Ok(vec![event(
-                Level::Info,
-                "status",
-                "status published",
-                Some(&id),
-            )]),
+            Op::Status => Ok(vec![Outgoing::Status]),
         }
     }
 
@@ -519,8 +491,8 @@ impl Station {
         }
         self.results.push_back(Kept {
             meta: meta.clone(),
-            before: small(&frame),
-            after: small(&out),
+            before: RgbImage8::downscaled(&frame, KEPT_WIDTH),
+            after: RgbImage8::downscaled(&out, KEPT_WIDTH),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
     }
@@ -597,24 +569,77 @@ impl Station {
     }
 }
 
-/// A display-sized 8-bit copy (at most 320 px wide, about 0.25 MB) kept with each result for the
-/// approval screen.
-fn small(f: &Frame) -> RgbImage8 {
-    let s = f.width.div_ceil(320).max(1);
-    let (w, h) = (f.width / s, f.height / s);
-    let n = f.width * f.height;
-    let mut rgb = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * s * f.width + x * s;
-            for c in 0..3 {
-                rgb.push((f.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8);
-            }
+/// The width of the 8-bit copies kept with each result for the approval screen (about 0.25 MB).
+const KEPT_WIDTH: usize = 320;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::CaptureError;
+    use crate::engine::Precision;
+
+    /// A camera that always sees the same grey scene.
+    struct Still;
+
+    impl FrameSource for Still {
+        fn next_frame(&mut self) -> Result<Frame, CaptureError> {
+            let mut f = Frame::zeros(96, 64);
+            f.data.iter_mut().for_each(|v| *v = 0.5);
+            Ok(f)
+        }
+        fn describe(&self) -> String {
+            "still".into()
         }
     }
-    RgbImage8 {
-        width: w as u32,
-        height: h as u32,
-        rgb,
+
+    fn station(store: &std::path::Path) -> Station {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let engine = Engine::load(&models, Precision::Float, 1).unwrap();
+        Station::new(
+            engine,
+            TemplateStore::open(store).unwrap(),
+            Box::new(Still),
+            ImageLimits::default(),
+            QualityConfig::default(),
+            FleetKeys::default(),
+        )
+    }
+
+    /// Each effect in a word: an event's code, or what else it is.
+    fn effects(out: &[Outgoing]) -> Vec<String> {
+        let word = |o: &Outgoing| match o {
+            Outgoing::Event(e) => e.code.clone(),
+            Outgoing::Result { .. } => "result".into(),
+            Outgoing::State { .. } => "state".into(),
+            Outgoing::Templates { names, .. } => format!("templates {}", names.len()),
+            Outgoing::Fleet { .. } => "fleet".into(),
+            Outgoing::Status => "status".into(),
+            Outgoing::Approved { .. } => "approved".into(),
+        };
+        out.iter().map(word).collect()
+    }
+
+    #[test]
+    fn commands_in_effects_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = station(dir.path());
+        let mut run = |cmd: &str| effects(&s.handle(cmd.as_bytes()));
+        assert_eq!(run(r#"{"id":"s","op":"status"}"#), ["status"]);
+        assert_eq!(run(r#"{"id":"t","op":"trigger"}"#), ["not_armed"]);
+        assert_eq!(run(r#"{"id":"c","op":"capture_before"}"#), ["captured"]);
+        assert_eq!(run(r#"{"id":"l","op":"learn","name":"x"}"#), ["no_pair"]);
+        assert_eq!(run(r#"{"id":"L","op":"templates.list"}"#), ["templates 0"]);
+        let missing = r#"{"id":"a","op":"apply","template":"nope","mode":"armed"}"#;
+        assert_eq!(run(missing), ["unknown_template"]);
+        assert_eq!(
+            run(r#"{"id":"p","op":"approve","result":"r1"}"#),
+            ["unknown_result"]
+        );
+        assert_eq!(run(r#"{"id":"d","op":"disarm"}"#), ["disarmed"]);
+        assert_eq!(run("not json"), ["bad_command"]);
+        assert_eq!(s.armed(), None);
+        assert!(s.capture_tick().is_empty(), "nothing waits for a capture");
+        let c = &s.counters;
+        assert_eq!((c.commands, c.captures, c.errors), (9, 1, 5));
     }
 }

@@ -127,16 +127,12 @@ pub fn mjpeg_to_frame(
             "not a JPEG frame: no start-of-image marker".into(),
         ));
     }
-    // some UVC cameras pad the payload with zeros after the end marker
-    let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    let jpeg = &data[..end];
-    // the decoder pads a cut-off scan with grey instead of failing, so check the end marker
-    if !jpeg.ends_with(&[0xFF, 0xD9]) {
+    let Some(jpeg) = complete_jpeg(data) else {
         return Err(CaptureError::Format(format!(
             "truncated JPEG frame: no end-of-image marker in {} bytes",
             data.len()
         )));
-    }
+    };
     // many UVC cameras leave out the Huffman tables and expect the standard ones
     let patched;
     let jpeg = if lacks_huffman_tables(jpeg) {
@@ -173,6 +169,18 @@ pub fn mjpeg_to_frame(
 }
 
 /// Decoder messages may hold line breaks; a log line must not.
+/// The JPEG up to its end-of-image marker, or `None` when there is none: the decoder pads a
+/// cut-off scan with grey instead of failing, so every JPEG is checked here first. Padding after
+/// the marker is allowed: zeros (some UVC cameras fill their buffers) and white space (files).
+pub(crate) fn complete_jpeg(bytes: &[u8]) -> Option<&[u8]> {
+    let end = bytes
+        .iter()
+        .rposition(|&b| b != 0 && !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    let jpeg = &bytes[..end];
+    jpeg.ends_with(&[0xFF, 0xD9]).then_some(jpeg)
+}
+
 pub(crate) fn one_line(msg: &str) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

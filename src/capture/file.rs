@@ -1,4 +1,5 @@
-//! Image files as frames. The header is read and checked before any pixel buffer is allocated,
+//! Image files as frames: the size limits, the extension filter and the decoder every image
+//! takumi reads goes through. The header is read and checked before any pixel buffer is allocated,
 //! so a file that declares 60,000 x 60,000 is refused without allocating it.
 
 use std::io::Cursor;
@@ -7,6 +8,8 @@ use std::path::Path;
 use image::{ImageFormat, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 
+use super::convert::complete_jpeg;
+use crate::frame::MIN_SIDE;
 use crate::{Error, Frame, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,7 +25,7 @@ impl Default for ImageLimits {
     fn default() -> Self {
         // 4K UHD at most: larger frames would push a 1-4 GB board past its memory budget
         ImageLimits {
-            min_side: 64,
+            min_side: MIN_SIDE as u32,
             max_width: 3840,
             max_height: 2160,
             max_file_bytes: 64 << 20,
@@ -30,8 +33,54 @@ impl Default for ImageLimits {
     }
 }
 
-/// Reads and decodes an image file. Returns the frame and the blake3 hash of the file's bytes.
-pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<(Frame, String)> {
+impl ImageLimits {
+    /// The one size check for every frame, whether a file, an MQTT payload or a camera's: the
+    /// error is the limit it breaks.
+    pub fn check(&self, w: u64, h: u64) -> std::result::Result<(), String> {
+        if w < u64::from(self.min_side) || h < u64::from(self.min_side) {
+            return Err(format!(
+                "the smallest accepted side is {} px",
+                self.min_side
+            ));
+        }
+        if w > u64::from(self.max_width) || h > u64::from(self.max_height) {
+            return Err(format!(
+                "the largest accepted image is {}x{}",
+                self.max_width, self.max_height
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the `[limits]` section itself: the engine's filters need 64 px a side.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.min_side < 64 || self.max_width < self.min_side || self.max_height < self.min_side {
+            return Err("need 64 <= min_side <= max_width, max_height".into());
+        }
+        Ok(())
+    }
+}
+
+/// The kinds of image file takumi reads and writes, known by their extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageKind {
+    Png,
+    Jpeg,
+}
+
+impl ImageKind {
+    /// The one extension filter: `.png`, `.jpg` or `.jpeg`, in any case.
+    pub fn from_path(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "png" => Some(ImageKind::Png),
+            "jpg" | "jpeg" => Some(ImageKind::Jpeg),
+            _ => None,
+        }
+    }
+}
+
+/// Reads and decodes an image file, its size checked before any pixel is decoded.
+pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<Frame> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::BadImage {
@@ -50,26 +99,7 @@ pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<(Frame, String)> 
         });
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let hash = blake3::hash(&bytes).to_hex().to_string();
-    let frame = decode_image(&bytes, limits).map_err(|e| match e {
-        Error::BadImage { reason, .. } => Error::BadImage {
-            path: path.into(),
-            reason,
-        },
-        Error::ImageSize {
-            width,
-            height,
-            limit,
-            ..
-        } => Error::ImageSize {
-            path: path.into(),
-            width,
-            height,
-            limit,
-        },
-        other => other,
-    })?;
-    Ok((frame, hash))
+    decode_image(&bytes, limits).map_err(|e| e.at(path))
 }
 
 /// Decodes PNG or JPEG bytes (from a file or an MQTT payload) into a frame.
@@ -85,18 +115,21 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<Frame> {
             "{fmt:?} is not supported, expected PNG or JPEG"
         )));
     }
-    // the JPEG decoder pads a truncated scan with grey instead of failing: check the end marker
-    if fmt == ImageFormat::Jpeg
-        && !bytes.trim_ascii_end().ends_with(&[0xFF, 0xD9])
-        && !bytes.ends_with(&[0xFF, 0xD9])
-    {
+    if fmt == ImageFormat::Jpeg && complete_jpeg(bytes).is_none() {
         return Err(bad("truncated JPEG: no end-of-image marker".into()));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), fmt);
     let (w, h) = reader
         .into_dimensions()
         .map_err(|e| bad(format!("cannot read header: {e}")))?;
-    check_size(w as u64, h as u64, limits)?;
+    limits
+        .check(u64::from(w), u64::from(h))
+        .map_err(|limit| Error::ImageSize {
+            path: "<bytes>".into(),
+            width: u64::from(w),
+            height: u64::from(h),
+            limit,
+        })?;
     reader = ImageReader::with_format(Cursor::new(bytes), fmt);
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_width);
@@ -108,26 +141,4 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<Frame> {
         .map_err(|e| bad(format!("cannot decode: {e}")))?;
     let rgb = img.into_rgb8();
     Ok(Frame::from_rgb8(w as usize, h as usize, rgb.as_raw()))
-}
-
-pub fn check_size(w: u64, h: u64, limits: &ImageLimits) -> Result<()> {
-    let size = |limit: String| Error::ImageSize {
-        path: "<bytes>".into(),
-        width: w,
-        height: h,
-        limit,
-    };
-    if w < limits.min_side as u64 || h < limits.min_side as u64 {
-        return Err(size(format!(
-            "the smallest accepted side is {} px",
-            limits.min_side
-        )));
-    }
-    if w > limits.max_width as u64 || h > limits.max_height as u64 {
-        return Err(size(format!(
-            "the largest accepted image is {}x{}",
-            limits.max_width, limits.max_height
-        )));
-    }
-    Ok(())
 }

@@ -12,4 +12,4 @@ pub use source::{DirSource, FrameSource, PixelFormat, SourceConfig, SyntheticSou
 #[cfg(feature = "v4l")]
 pub use v4l2::V4lSource;
 
-pub use file::{ImageLimits, load_image};
+pub use file::{ImageKind, ImageLimits, load_image};

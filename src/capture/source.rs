@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::convert::{CaptureError, one_line};
-use super::file::{ImageLimits, decode_image};
+use super::file::{ImageKind, ImageLimits, load_image};
 use crate::frame::Frame;
 
 pub trait FrameSource: Send {
@@ -16,10 +16,6 @@ pub trait FrameSource: Send {
     /// One line for logs: what the source is and how it was set up.
     fn describe(&self) -> String;
 }
-
-/// The largest frame a generated or camera source may be set to, as for image files.
-pub const MAX_WIDTH: usize = 3840;
-pub const MAX_HEIGHT: usize = 2160;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,11 +61,12 @@ fn default_buffers() -> u32 {
 }
 
 impl SourceConfig {
-    /// Checks the values serde cannot: sizes, frame rate, buffer count.
-    pub fn validate(&self) -> Result<(), CaptureError> {
+    /// Checks the values serde cannot: sizes (against the same limits as every image, so a
+    /// camera whose frames could never be applied is refused here), frame rate, buffer count.
+    pub fn validate(&self, limits: &ImageLimits) -> Result<(), CaptureError> {
         match self {
             SourceConfig::Dir { .. } => Ok(()),
-            SourceConfig::Synthetic { width, height } => check_size(*width, *height),
+            SourceConfig::Synthetic { width, height } => check_size(*width, *height, limits),
             SourceConfig::V4l {
                 format,
                 width,
@@ -78,7 +75,7 @@ impl SourceConfig {
                 buffers,
                 ..
             } => {
-                check_size(*width, *height)?;
+                check_size(*width, *height, limits)?;
                 if *format == PixelFormat::Yuyv && !width.is_multiple_of(2) {
                     return Err(CaptureError::Format(format!(
                         "camera source: YUYV needs an even width, got {width}"
@@ -100,26 +97,24 @@ impl SourceConfig {
     }
 }
 
-fn check_size(width: usize, height: usize) -> Result<(), CaptureError> {
-    if width == 0 || height == 0 || width > MAX_WIDTH || height > MAX_HEIGHT {
-        return Err(CaptureError::Format(format!(
-            "frame size {width}x{height} is outside 1x1 to {MAX_WIDTH}x{MAX_HEIGHT}"
-        )));
-    }
-    Ok(())
+fn check_size(width: usize, height: usize, limits: &ImageLimits) -> Result<(), CaptureError> {
+    limits
+        .check(width as u64, height as u64)
+        .map_err(|limit| CaptureError::Format(format!("frame size {width}x{height}: {limit}")))
 }
 
-/// Opens the source a config names. Folders are read with the default image limits.
-pub fn open(cfg: &SourceConfig) -> Result<Box<dyn FrameSource>, CaptureError> {
-    cfg.validate()?;
+/// Opens the source a config names; its frames must be within `limits`.
+pub fn open(
+    cfg: &SourceConfig,
+    limits: &ImageLimits,
+) -> Result<Box<dyn FrameSource>, CaptureError> {
+    cfg.validate(limits)?;
     match cfg {
-        SourceConfig::Dir { path, looping } => Ok(Box::new(DirSource::new(
-            path,
-            *looping,
-            ImageLimits::default(),
-        )?)),
+        SourceConfig::Dir { path, looping } => {
+            Ok(Box::new(DirSource::new(path, *looping, *limits)?))
+        }
         SourceConfig::Synthetic { width, height } => {
-            Ok(Box::new(SyntheticSource::new(*width, *height)?))
+            Ok(Box::new(SyntheticSource::new(*width, *height, limits)?))
         }
         #[cfg(feature = "v4l")]
         SourceConfig::V4l {
@@ -164,12 +159,7 @@ impl DirSource {
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
-            let image = path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                ["png", "jpg", "jpeg"]
-                    .iter()
-                    .any(|x| e.eq_ignore_ascii_case(x))
-            });
-            if image && path.is_file() {
+            if ImageKind::from_path(&path).is_some() && is_file_or_fifo(&path) {
                 files.push(path);
             }
         }
@@ -219,41 +209,16 @@ impl FrameSource for DirSource {
     }
 }
 
+/// A named pipe counts: a process that writes each frame into one is a camera too.
+fn is_file_or_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_fifo())
+}
+
 fn read_image(path: &Path, limits: &ImageLimits) -> Result<Frame, CaptureError> {
-    let io = |source| CaptureError::Io {
-        path: path.into(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > limits.max_file_bytes {
-        return Err(CaptureError::Format(format!(
-            "{}: file is {len} bytes, over the {} byte limit",
-            path.display(),
-            limits.max_file_bytes
-        )));
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
-    decode_image(&bytes, limits).map_err(|e| {
-        // decode_image names no file: put this one's path in its place
-        let e = match e {
-            crate::Error::BadImage { reason, .. } => crate::Error::BadImage {
-                path: path.into(),
-                reason,
-            },
-            crate::Error::ImageSize {
-                width,
-                height,
-                limit,
-                ..
-            } => crate::Error::ImageSize {
-                path: path.into(),
-                width,
-                height,
-                limit,
-            },
-            other => other,
-        };
-        CaptureError::Format(one_line(&e.to_string()))
+    load_image(path, limits).map_err(|e| match e {
+        crate::Error::Io { path, source } => CaptureError::Io { path, source },
+        e => CaptureError::Format(one_line(&e.to_string())),
     })
 }
 
@@ -267,8 +232,9 @@ pub struct SyntheticSource {
 }
 
 impl SyntheticSource {
-    pub fn new(width: usize, height: usize) -> Result<Self, CaptureError> {
-        check_size(width, height)?;
+    /// A `width` x `height` pattern; the size must be within `limits`, as for every frame.
+    pub fn new(width: usize, height: usize, limits: &ImageLimits) -> Result<Self, CaptureError> {
+        check_size(width, height, limits)?;
         Ok(SyntheticSource {
             width,
             height,

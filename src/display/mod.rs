@@ -14,6 +14,8 @@ mod render;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::frame::Frame;
+
 pub use fb::FbDisplay;
 pub use png::{Canvas, PngDisplay};
 pub use render::{Layout, PLACEHOLDER, layout, palette, render};
@@ -46,6 +48,38 @@ impl RgbImage8 {
             .checked_mul(3)?;
         self.rgb.get(..usize::try_from(len).ok()?)
     }
+}
+
+impl RgbImage8 {
+    /// A copy of `f` at most `max_width` px wide, shrunk by a whole factor and sampled as the
+    /// display draws ([`nearest`]): what a result keeps for the approval screen.
+    pub fn downscaled(f: &Frame, max_width: usize) -> RgbImage8 {
+        let s = f.width.div_ceil(max_width.max(1)).max(1);
+        let (w, h) = (f.width / s, f.height / s);
+        let n = f.width * f.height;
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            let row = nearest(y as u64, h as u64, f.height as u64) as usize * f.width;
+            for x in 0..w {
+                let i = row + nearest(x as u64, w as u64, f.width as u64) as usize;
+                for c in 0..3 {
+                    rgb.push((f.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8);
+                }
+            }
+        }
+        RgbImage8 {
+            width: w as u32,
+            height: h as u32,
+            rgb,
+        }
+    }
+}
+
+/// The source pixel that destination pixel `d` of `dst_len` shows, out of `src_len`: the one
+/// under its centre, so that up- and down-scaling stay symmetric. The one nearest-neighbour
+/// scaler, for drawing and for the kept copies.
+pub(crate) fn nearest(d: u64, dst_len: u64, src_len: u64) -> u64 {
+    (2 * d + 1) * src_len / (2 * dst_len)
 }
 
 // Hand-written so that logging a state does not dump megabytes of pixels.

@@ -1,8 +1,6 @@
 //! The host target: render into memory, write a PNG.
 
 use std::convert::Infallible;
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,6 +11,7 @@ use image::ImageEncoder;
 use image::codecs::png::PngEncoder;
 
 use super::{Display, DisplayError, DisplayState, MAX_SIDE, render};
+use crate::atomic_write::{Durability, write_atomic};
 
 /// An in-memory Rgb888 framebuffer (interleaved RGB8, row-major); pixels outside it are
 /// dropped.
@@ -57,7 +56,8 @@ impl Canvas {
     }
 
     /// Writes the canvas as a PNG at `path`, atomically: readers see the old file or the
-    /// new one, never a partial one.
+    /// new one, never a partial one. No fsync: the image is redrawn on every show, so syncing
+    /// each frame would only wear the station's flash.
     pub fn write_png(&self, path: &Path) -> Result<(), DisplayError> {
         let png_err = |reason: String| DisplayError::Png {
             path: path.to_path_buf(),
@@ -66,51 +66,28 @@ impl Canvas {
         let name = path
             .file_name()
             .ok_or_else(|| png_err("path names no file".into()))?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        // pid + counter keeps concurrent writers, in this process or another, apart.
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let tmp = dir.join(format!(
-            ".{}.{}-{}.tmp",
-            name.to_string_lossy(),
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = self.encode_to(&tmp, path).and_then(|()| {
-            fs::rename(&tmp, path).map_err(|source| DisplayError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        });
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    // No fsync: the image is redrawn on every show, and rename alone already keeps readers
-    // from seeing a partial file; syncing each frame would only wear the station's flash.
-    // Errors name `path`, the file the caller asked for, not the temporary one.
-    fn encode_to(&self, tmp: &Path, path: &Path) -> Result<(), DisplayError> {
-        let io_err = |source| DisplayError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut out = BufWriter::new(File::create(tmp).map_err(io_err)?);
-        PngEncoder::new(&mut out)
+        let mut png = Vec::new();
+        PngEncoder::new(&mut png)
             .write_image(
                 &self.rgb,
                 self.width,
                 self.height,
                 image::ExtendedColorType::Rgb8,
             )
-            .map_err(|e| DisplayError::Png {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
-        out.flush().map_err(io_err)
+            .map_err(|e| png_err(e.to_string()))?;
+        // pid + counter keeps concurrent writers, in this process or another, apart
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let tmp = path.with_file_name(format!(
+            ".{}.{}-{}.tmp",
+            name.to_string_lossy(),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        // errors name `path`, the file the caller asked for, not the temporary one
+        write_atomic(&tmp, path, &[&png], Durability::Atomic).map_err(|e| DisplayError::Io {
+            path: path.to_path_buf(),
+            source: e.source,
+        })
     }
 
     fn index(&self, x: u32, y: u32) -> Option<usize> {

@@ -8,7 +8,7 @@ use embedded_graphics::prelude::*;
 use embedded_graphics::primitives::{Circle, PrimitiveStyle, Rectangle};
 use embedded_graphics::text::{Baseline, Text};
 
-use super::{DisplayState, MAX_SIDE, RgbImage8};
+use super::{DisplayState, MAX_SIDE, RgbImage8, nearest};
 
 /// The colours the screen uses; public so that tests and callers can look for them.
 pub mod palette {
@@ -257,13 +257,12 @@ fn draw_image<D: DrawTarget<Color = Rgb888>>(
     } else {
         (pw, (ih * pw / iw).max(1))
     };
-    // Sample at destination pixel centres so that up- and down-scaling stay symmetric.
     let xs: Vec<usize> = (0..dw)
-        .map(|dx| (((2 * dx + 1) * iw / (2 * dw)) * 3) as usize)
+        .map(|dx| (nearest(dx, dw, iw) * 3) as usize)
         .collect();
     let row_bytes = (iw * 3) as usize;
     let colors = (0..dh).flat_map(|dy| {
-        let row = (((2 * dy + 1) * ih / (2 * dh)) as usize) * row_bytes;
+        let row = (nearest(dy, dh, ih) as usize) * row_bytes;
         xs.iter()
             .map(move |&x| Rgb888::new(rgb[row + x], rgb[row + x + 1], rgb[row + x + 2]))
     });

@@ -24,7 +24,7 @@
 //! 25 to 30 ms on one core of the development machine.
 
 use super::filterbank::luminance;
-use crate::Frame;
+use crate::{Error, Frame, Result};
 
 /// Largest shift searched, as a fraction of the side (width for dx, height for dy).
 const MAX_SHIFT: f64 = 0.10;
@@ -188,7 +188,10 @@ pub struct Registration {
 ///
 /// Frames under 64 x 64, or of different sizes, are not registered (IDENTITY, registered false).
 /// When the pair does not register, `sim` is the best estimate found, for reports only.
-pub fn register(before: &Frame, after: &Frame, threads: usize) -> Registration {
+///
+/// An error only when one of its worker threads crashed: then there is no answer at all, which
+/// must not pass for a pair that does not register.
+pub fn register(before: &Frame, after: &Frame, threads: usize) -> Result<Registration> {
     let (w, h) = (before.width, before.height);
     let fail = Registration {
         sim: Similarity::IDENTITY,
@@ -198,21 +201,21 @@ pub fn register(before: &Frame, after: &Frame, threads: usize) -> Registration {
     let sized = |f: &Frame| f.data.len() == 3 * f.width * f.height;
     if w < 64 || h < 64 || (after.width, after.height) != (w, h) || !sized(before) || !sized(after)
     {
-        return fail;
+        return Ok(fail);
     }
     // more threads than tiles or poses would only wait
     let threads = threads.clamp(1, 64);
     let (levels, coarse) = pyramid(before, after);
-    let (mut sim, zncc) = coarse_search(&coarse, (w, h), threads);
+    let (mut sim, zncc) = coarse_search(&coarse, (w, h), threads)?;
     if zncc < MIN_COARSE_ZNCC {
-        return Registration { sim, ..fail };
+        return Ok(Registration { sim, ..fail });
     }
     let tiles = tile_grid(w, h);
     let mut last: Option<Round> = None;
     let mut full_rounds = 0;
     for (k, search) in schedule(levels.len() - 1) {
-        let Some(round) = refine(&levels[k], &sim, (w, h), &tiles, search, threads) else {
-            return Registration { sim, ..fail };
+        let Some(round) = refine(&levels[k], &sim, (w, h), &tiles, search, threads)? else {
+            return Ok(Registration { sim, ..fail });
         };
         let change = round.sim.distance(&sim, w, h);
         sim = round.sim;
@@ -225,8 +228,8 @@ pub fn register(before: &Frame, after: &Frame, threads: usize) -> Registration {
             }
         }
     }
-    let Some(round) = last else { return fail };
-    verdict(round, w, h)
+    let Some(round) = last else { return Ok(fail) };
+    Ok(verdict(round, w, h))
 }
 
 /// The result of the last refinement round: snapped to an integer shift when that close, and
@@ -497,14 +500,20 @@ where
     });
 }
 
-/// `f` over `items` on up to `threads` scoped threads, results in order.
-fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+/// `f` over `items` on up to `threads` scoped threads, results in order; an error when a
+/// thread crashed (its share of the results is missing).
+fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Result<Vec<R>> {
     let threads = threads.clamp(1, items.len().max(1));
     if threads == 1 {
-        return items.iter().map(f).collect();
+        return Ok(items.iter().map(f).collect());
     }
     let per = items.len().div_ceil(threads);
-    std::thread::scope(|s| {
+    // every thread joined before any result is read, so none is left for the scope to re-raise
+    let joined: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = items
             .chunks(per)
             .map(|c| {
@@ -512,11 +521,18 @@ fn par_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + 
                 s.spawn(move || c.iter().map(f).collect::<Vec<R>>())
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-            .collect()
-    })
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    let mut out = Vec::with_capacity(items.len());
+    for part in joined {
+        let part = part.map_err(|_| {
+            Error::Invalid(
+                "registration: a worker thread crashed; the pair was not registered".into(),
+            )
+        })?;
+        out.extend(part);
+    }
+    Ok(out)
 }
 
 /// One channel of w x h values.
@@ -906,7 +922,7 @@ fn masked_sums([a, a2]: [&[f32]; 2], [b, ok]: [&[f32]; 2], acc: &mut [f64; 6]) {
 
 /// The best pose over the grid of rotations and scales, each with its best shift in range (see
 /// `best_shift`), at the coarsest level; with its whole-frame ZNCC.
-fn coarse_search(lv: &Level, size: (usize, usize), threads: usize) -> (Similarity, f64) {
+fn coarse_search(lv: &Level, size: (usize, usize), threads: usize) -> Result<(Similarity, f64)> {
     let (lw, lh) = (lv.a.w, lv.a.h);
     // a coarse pixel of slack beyond the supported shift
     let rx = (MAX_SHIFT * lw as f64).ceil() as usize + 1;
@@ -941,11 +957,11 @@ fn coarse_search(lv: &Level, size: (usize, usize), threads: usize) -> (Similarit
             ..*pose
         };
         (sim, best.0)
-    });
-    found
+    })?;
+    Ok(found
         .into_iter()
         .max_by(|x, y| x.1.total_cmp(&y.1))
-        .unwrap_or((Similarity::IDENTITY, f64::NEG_INFINITY))
+        .unwrap_or((Similarity::IDENTITY, f64::NEG_INFINITY)))
 }
 
 /// The shift within ±rx, ±ry where `score` peaks, as (score, tx, ty): every other shift first
@@ -1136,14 +1152,14 @@ fn refine(
     tiles: &[Rect],
     search: Search,
     threads: usize,
-) -> Option<Round> {
+) -> Result<Option<Round>> {
     let m = Affine::at_level(sim, size, lv.s);
     let mv = warp_level(lv, m, threads);
     let rects: Vec<Rect> = tiles
         .iter()
         .filter_map(|&t| tile_at_level(t, lv.s, (lv.a.w, lv.a.h), search.radius))
         .collect();
-    let shifts = par_map(&rects, threads, |&r| measure(lv, &mv, r, search));
+    let shifts = par_map(&rects, threads, |&r| measure(lv, &mv, r, search))?;
     let (s, o) = (lv.s as f64, (lv.s as f64 - 1.0) / 2.0);
     let pairs: Vec<Pair> = rects
         .iter()
@@ -1158,8 +1174,10 @@ fn refine(
             Some(((s * px + o, s * py + o), (s * qx + o, s * qy + o)))
         })
         .collect();
-    let (sim, inliers, rms) = robust_fit(&pairs, size, OUTLIER_PX * s)?;
-    Some(Round {
+    let Some((sim, inliers, rms)) = robust_fit(&pairs, size, OUTLIER_PX * s) else {
+        return Ok(None);
+    };
+    Ok(Some(Round {
         sim,
         tiles: tiles.len(),
         measured: pairs.len(),
@@ -1170,7 +1188,7 @@ fn refine(
         } else {
             f64::NAN
         },
-    })
+    }))
 }
 
 /// ZNCC of the whole overlap of A and the warped A'.
@@ -1379,7 +1397,7 @@ mod tests {
         let scene = Scene::new(7, w, h);
         let before = render(&scene, w, h, &Similarity::IDENTITY, 1.0);
         let after = render(&scene, w, h, &truth, gain);
-        let reg = register(&before, &after, 2);
+        let reg = register(&before, &after, 2).unwrap();
         let err = reg.sim.distance(&truth, w, h);
         eprintln!("{w}x{h} truth {truth:?}: {reg:?}, corner error {err:.3} px");
         (reg, err, scene)
@@ -1449,7 +1467,7 @@ mod tests {
         for (w, h) in [(320, 240), (640, 480)] {
             let a = render(&Scene::new(1, w, h), w, h, &Similarity::IDENTITY, 1.0);
             let b = render(&Scene::new(2, w, h), w, h, &Similarity::IDENTITY, 1.0);
-            let reg = register(&a, &b, 2);
+            let reg = register(&a, &b, 2).unwrap();
             eprintln!("{w}x{h} unrelated: {reg:?}");
             assert!(!reg.registered);
         }
@@ -1476,7 +1494,7 @@ mod tests {
         let b = render(&scene, w, h, &sim(4.0, 2.0, 1.0, 1.0), 1.0);
         a.data.iter_mut().step_by(7).for_each(|v| *v = f32::NAN);
         a.data[5] = f32::INFINITY;
-        let _ = register(&a, &b, 2);
+        let _ = register(&a, &b, 2).unwrap();
         let _ = warp(&a, &sim(1.5, 0.5, 1.0, 1.0));
         let _ = warp(&a, &sim(f64::NAN, 0.0, 0.0, 1.0));
     }
@@ -1485,14 +1503,18 @@ mod tests {
     fn flat_and_small_frames_do_not_register() {
         let mut grey = Frame::zeros(320, 240);
         grey.data.fill(0.5);
-        assert!(!register(&grey, &grey, 2).registered);
+        assert!(!register(&grey, &grey, 2).unwrap().registered);
         for (w, h) in [(10, 10), (63, 200), (0, 0)] {
             let f = Frame::zeros(w, h);
-            let reg = register(&f, &f, 1);
+            let reg = register(&f, &f, 1).unwrap();
             assert!(!reg.registered && reg.sim == Similarity::IDENTITY);
         }
         // different sizes
-        assert!(!register(&Frame::zeros(64, 64), &Frame::zeros(65, 64), 1).registered);
+        assert!(
+            !register(&Frame::zeros(64, 64), &Frame::zeros(65, 64), 1)
+                .unwrap()
+                .registered
+        );
     }
 
     #[test]
@@ -1508,7 +1530,7 @@ mod tests {
             let scene = Scene::new(3, w, h);
             let before = render(&scene, w, h, &Similarity::IDENTITY, 1.0);
             let truth = sim(3.0, -2.0, 2.0, 1.02);
-            let reg = register(&before, &render(&scene, w, h, &truth, 1.0), 3);
+            let reg = register(&before, &render(&scene, w, h, &truth, 1.0), 3).unwrap();
             eprintln!(
                 "{w}x{h}: {reg:?} error {:.3}",
                 reg.sim.distance(&truth, w, h)
@@ -1551,7 +1573,7 @@ mod tests {
         let truth = sim(-30.0, 25.0, -3.0, 1.06);
         for passes in [1, 8] {
             let after = edit(&render(&scene, w, h, &truth, 1.1), passes);
-            let reg = register(&before, &after, 2);
+            let reg = register(&before, &after, 2).unwrap();
             let err = reg.sim.distance(&truth, w, h);
             eprintln!("edited, {passes} blur passes: {reg:?} error {err:.3}");
             assert!(reg.registered && err <= 0.3);
@@ -1562,8 +1584,8 @@ mod tests {
         use crate::capture::file::{ImageLimits, load_image};
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/samples");
         let lim = ImageLimits::default();
-        let (a, _) = load_image(&dir.join("pair_before.jpg"), &lim).expect("sample");
-        let (b, _) = load_image(&dir.join("pair_after.jpg"), &lim).expect("sample");
+        let a = load_image(&dir.join("pair_before.jpg"), &lim).expect("sample");
+        let b = load_image(&dir.join("pair_after.jpg"), &lim).expect("sample");
         (a, b)
     }
 
@@ -1572,7 +1594,7 @@ mod tests {
         // models/samples: an edited JPEG pair (tone curve, warm balance, sharpen) whose after
         // shot is the before shot moved by exactly (5, -3)
         let (a, b) = sample_pair();
-        let reg = register(&a, &b, 2);
+        let reg = register(&a, &b, 2).unwrap();
         eprintln!("sample pair: {reg:?}");
         assert!(reg.registered);
         assert_eq!(reg.sim, sim(5.0, -3.0, 0.0, 1.0));
@@ -1588,7 +1610,7 @@ mod tests {
         let (moved, _) = warp(&b, &s);
         let (x0, y0, w, h) = (72, 52, 400, 280);
         let (a, moved) = (a.crop(x0, y0, w, h), moved.quantised().crop(x0, y0, w, h));
-        let reg = register(&a, &moved, 2);
+        let reg = register(&a, &moved, 2).unwrap();
         let (full_w, full_h) = (w + 2 * x0, h + 2 * y0);
         let err = corners(w, h)
             .iter()
@@ -1657,7 +1679,7 @@ mod tests {
         let mut times = Vec::new();
         for _ in 0..15 {
             let t = std::time::Instant::now();
-            let reg = register(&before, &after, 2);
+            let reg = register(&before, &after, 2).unwrap();
             times.push(t.elapsed().as_secs_f64() * 1e3);
             assert!(reg.registered);
         }

@@ -7,7 +7,7 @@
 
 use super::align::{self, Registration, Similarity};
 use super::card::{Card, MIN_DISTRIBUTION_GAIN_DB, PairRegistration};
-use super::fit::{self, Base, Prior, Selection};
+use super::fit::{self, Base, BaseRule, Prior, Selection};
 use super::{Engine, Learned, bank, card, filterbank, quality, slice};
 use crate::{Error, Frame, Result};
 
@@ -69,7 +69,7 @@ impl Engine {
         let (mut fwd, mut rev) = (fit::Accumulator::default(), fit::Accumulator::default());
         let mut regs = Vec::with_capacity(pairs.len());
         for (a, a2) in pairs {
-            let reg = align::register(a, a2, self.threads);
+            let reg = align::register(a, a2, self.threads)?;
             lap("register");
             if reg.registered && opts.closed_form {
                 self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper)?;
@@ -78,13 +78,20 @@ impl Engine {
             }
             regs.push(reg);
         }
-        // the two directions are independent: choose their parts side by side
-        let (sf, sr) = std::thread::scope(|sc| {
+        // the two directions are scored side by side; the undo then takes the edit's base
+        let (sf, scored_r) = std::thread::scope(|sc| {
             let h = sc.spawn(|| fwd.select(opts.prior));
-            let sr = rev.select(opts.prior);
-            (h.join(), sr)
+            let scored_r = rev.scores();
+            (h.join(), scored_r)
         });
         let sf = sf.map_err(|_| Error::Invalid("learn: the fit's worker thread failed".into()))?;
+        let sr = scored_r.map(|s| {
+            let rule = match &sf {
+                Some(f) => BaseRule::Fixed(f.base),
+                None => BaseRule::Choose(opts.prior),
+            };
+            rev.select_from(s, rule)
+        });
         lap("fit select");
         let (gf, gr) = if sf.is_none() && sr.is_none() {
             self.distribution_gains(pairs, (&hyper, &undo), opts)?

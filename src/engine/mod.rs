@@ -21,6 +21,9 @@ pub use model::{Models, Precision};
 use crate::{Error, Frame, Result};
 use card::Card;
 
+// every frame that passes the image limits fits the model's patch
+const _: () = assert!(model::PATCH <= crate::frame::MIN_SIDE);
+
 pub struct Engine {
     pub models: Models,
     pub threads: usize,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::transform::{NodeFilter, build_float_translator};
 
 use crate::{Error, Result};
 
@@ -32,6 +33,9 @@ pub const GRID_CH: usize = LBINS * CK;
 pub enum Precision {
     #[default]
     Float,
+    /// The float models run in half precision (tract's `f32_to_f16` transform): for ARMv8.2
+    /// cores with fp16 arithmetic (Pi 5's A76, Orin's A78AE), where tract has fp16 kernels.
+    F16,
     Int8,
 }
 
@@ -41,8 +45,9 @@ impl std::str::FromStr for Precision {
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
             "float" => Ok(Precision::Float),
+            "f16" => Ok(Precision::F16),
             "int8" => Ok(Precision::Int8),
-            _ => Err(format!("{s:?}: expected float or int8")),
+            _ => Err(format!("{s:?}: expected float, f16 or int8")),
         }
     }
 }
@@ -51,6 +56,7 @@ impl std::fmt::Display for Precision {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Precision::Float => "float",
+            Precision::F16 => "f16",
             Precision::Int8 => "int8",
         })
     }
@@ -90,12 +96,21 @@ fn model_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn load_plan(path: &Path) -> Result<Plan> {
-    tract_onnx::onnx()
-        .model_for_path(path)
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(|e| model_err(path, format!("cannot load: {e:#}")))
+fn load_plan(path: &Path, precision: Precision) -> Result<Plan> {
+    let load = || -> TractResult<Plan> {
+        let mut model = tract_onnx::onnx()
+            .model_for_path(path)?
+            .into_typed()?
+            .into_decluttered()?;
+        if precision == Precision::F16 {
+            // after declutter and before optimise, so that the optimiser picks f16 kernels; the
+            // model's inputs and outputs become f16 too (see `input` and `to_vec`)
+            build_float_translator(DatumType::F32, DatumType::F16, NodeFilter::default())
+                .transform(&mut model)?;
+        }
+        model.into_optimized()?.into_runnable()
+    };
+    load().map_err(|e| model_err(path, format!("cannot load: {e:#}")))
 }
 
 impl Models {
@@ -146,9 +161,16 @@ impl Models {
             })?;
 
         let suffix = match precision {
-            Precision::Float => "",
+            Precision::Float | Precision::F16 => "",
             Precision::Int8 => ".int8",
         };
+        if precision == Precision::F16 && !tract_linalg::isa::native().fp16_arithmetic() {
+            // tract still runs it, on its portable f16 kernel: on a Pi 4's Cortex-A72 (no fp16
+            // arithmetic) that is 4.7x float's instructions per apply (board/README.md)
+            tracing::warn!(
+                "precision f16 on a CPU without fp16 arithmetic: use float on this machine"
+            );
+        }
         let mut h = blake3::Hasher::new();
         h.update(&meta_bytes);
         for f in ["hypernet.onnx", "backbone.onnx"] {
@@ -156,9 +178,9 @@ impl Models {
             let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
             h.update(&b);
         }
-        let hyper = load_plan(&dir.join(format!("hypernet{suffix}.onnx")))?;
-        let backbone = load_plan(&dir.join(format!("backbone{suffix}.onnx")))?;
-        Ok(Models {
+        let hyper = load_plan(&dir.join(format!("hypernet{suffix}.onnx")), precision)?;
+        let backbone = load_plan(&dir.join(format!("backbone{suffix}.onnx")), precision)?;
+        let models = Models {
             hyper,
             backbone,
             template_len: meta.template_len,
@@ -166,14 +188,30 @@ impl Models {
             hash: h.finalize().to_hex()[..16].to_string(),
             precision,
             dir: dir.into(),
-        })
+        };
+        // the evidence of what a precision really runs: f16 kernels, or int8 ones where a
+        // quantised model is not folded back to float
+        tracing::debug!(
+            "models ({precision}) run matmul kernels {:?}",
+            models.matmul_kernels()
+        );
+        Ok(models)
+    }
+
+    /// The distinct matmul kernels of both optimised plans, sorted by name.
+    pub fn matmul_kernels(&self) -> Vec<String> {
+        let mut k = crate::engine::kernels::plan_kernels(self.hyper.model());
+        k.extend(crate::engine::kernels::plan_kernels(self.backbone.model()));
+        k.sort();
+        k.dedup();
+        k
     }
 
     /// H: four `[3][64][64]` planar inputs -> template vector.
     pub fn hypernet(&self, inputs: [&[f32]; 4]) -> Result<Vec<f32>> {
         let mut tv: TVec<TValue> = tvec![];
         for x in inputs {
-            tv.push(tensor(x, &[1, 3, THUMB, THUMB])?.into());
+            tv.push(self.input(x, &[1, 3, THUMB, THUMB])?.into());
         }
         let out = self
             .hyper
@@ -188,8 +226,8 @@ impl Models {
 
     /// G's low-resolution CNN: thumbnail of B + template -> grid `[LBINS*3*K][GRID][GRID]`.
     pub fn backbone(&self, thumb: &[f32], template: &[f32]) -> Result<Vec<f32>> {
-        let t = tensor(thumb, &[1, 3, THUMB, THUMB])?;
-        let d = tensor(template, &[1, self.template_len])?;
+        let t = self.input(thumb, &[1, 3, THUMB, THUMB])?;
+        let d = self.input(template, &[1, self.template_len])?;
         let out = self
             .backbone
             .run(tvec![t.into(), d.into()])
@@ -208,12 +246,26 @@ impl Models {
     }
 }
 
-fn tensor(x: &[f32], shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_shape(shape, x).map_err(|e| Error::Invalid(format!("tensor {shape:?}: {e}")))
+impl Models {
+    /// A model input: f32, or f16 for the half-precision plans.
+    fn input(&self, x: &[f32], shape: &[usize]) -> Result<Tensor> {
+        let t = Tensor::from_shape(shape, x)
+            .map_err(|e| Error::Invalid(format!("tensor {shape:?}: {e}")))?;
+        if self.precision != Precision::F16 {
+            return Ok(t);
+        }
+        t.cast_to_dt(DatumType::F16)
+            .map(|c| c.into_owned())
+            .map_err(|e| Error::Invalid(format!("tensor {shape:?} to f16: {e}")))
+    }
 }
 
+/// A model output as f32 (the f16 plans' outputs are f16).
 fn to_vec(v: &TValue, dir: &Path) -> Result<Vec<f32>> {
-    let view = v
+    let f32s = v
+        .cast_to::<f32>()
+        .map_err(|e| model_err(dir, format!("output is not a float: {e}")))?;
+    let view = f32s
         .to_plain_array_view::<f32>()
         .map_err(|e| model_err(dir, format!("output is not f32: {e}")))?;
     Ok(view.iter().copied().collect())

@@ -5,8 +5,61 @@
 //! neutral); the score is the total-variation distance of B's histogram from the source's,
 //! 0 (same distribution) to 1 (disjoint). See docs/quality.md for the calibration.
 
+use serde::{Deserialize, Serialize};
+
+use super::card::Card;
 use super::filterbank::{hue_features, lum_bins, luminance};
 use super::model::{HUES, LBINS, THUMB};
+use crate::{Error, Result};
+
+/// The `[quality]` section: when a result needs an operator's look.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QualityConfig {
+    /// Results whose quality-gate score exceeds this are flagged needs_review (docs/quality.md).
+    pub review_threshold: f32,
+    /// Results of a template whose validated gain over doing nothing (its card) is under this
+    /// many dB are flagged needs_review too; so are templates with no validated gain.
+    pub min_validated_gain_db: f32,
+}
+
+impl Default for QualityConfig {
+    fn default() -> Self {
+        QualityConfig {
+            review_threshold: 0.5,
+            min_validated_gain_db: 0.5,
+        }
+    }
+}
+
+impl QualityConfig {
+    /// Whether a result needs an operator's look: B is unlike the template's source, or the
+    /// template (in the direction applied) did not validate well on its own pair.
+    pub fn needs_review(&self, score: f32, card: &Card, reverse: bool) -> bool {
+        let gain = if reverse {
+            card.reverse_gain_db
+        } else {
+            card.validated_gain_db
+        };
+        score > self.review_threshold || gain.is_none_or(|g| g < self.min_validated_gain_db)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.review_threshold) {
+            return Err(Error::config(
+                "quality.review_threshold",
+                "must be between 0 and 1",
+            ));
+        }
+        if !(0.0..=60.0).contains(&self.min_validated_gain_db) {
+            return Err(Error::config(
+                "quality.min_validated_gain_db",
+                "must be between 0 and 60",
+            ));
+        }
+        Ok(())
+    }
+}
 
 pub const HIST: usize = LBINS * (HUES + 1);
 /// Chroma (opponent magnitude) at which a pixel counts as fully coloured.

@@ -2,47 +2,49 @@
 //! never sees half a file and a failed run leaves nothing behind. A [`Batch`] renames many files
 //! into place together: all of them, or none.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::ImageEncoder;
-use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::PngEncoder;
 
+use crate::atomic_write::{Durability, rename_into, write_temp};
 use crate::{Error, Frame, Result};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ImageKind {
-    Png,
-    Jpeg,
-}
-
-impl ImageKind {
-    pub fn from_path(path: &Path) -> Option<Self> {
-        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-            "png" => Some(ImageKind::Png),
-            "jpg" | "jpeg" => Some(ImageKind::Jpeg),
-            _ => None,
-        }
-    }
-}
+pub use crate::capture::file::ImageKind;
 
 pub fn encode(frame: &Frame, kind: ImageKind) -> Result<Vec<u8>> {
     let rgb = frame.to_rgb8();
+    match kind {
+        ImageKind::Png => encode_png(&rgb, frame.width as u32, frame.height as u32),
+        ImageKind::Jpeg => encode_jpeg(&rgb, frame.width, frame.height),
+    }
+}
+
+fn encode_err(e: impl std::fmt::Display) -> Error {
+    Error::Invalid(format!("cannot encode image: {e}"))
+}
+
+fn encode_png(rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    let (w, h) = (frame.width as u32, frame.height as u32);
-    let r = match kind {
-        ImageKind::Png => {
-            PngEncoder::new(&mut out).write_image(&rgb, w, h, image::ExtendedColorType::Rgb8)
-        }
-        ImageKind::Jpeg => JpegEncoder::new_with_quality(&mut out, 92).write_image(
-            &rgb,
-            w,
-            h,
-            image::ExtendedColorType::Rgb8,
-        ),
+    PngEncoder::new(&mut out)
+        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
+        .map_err(encode_err)?;
+    Ok(out)
+}
+
+/// Quality 92 with full-resolution chroma (4:4:4), as image's encoder wrote it; the
+/// jpeg-encoder crate does the same in half the time (7.7 against 15.5 ms at 640x480, 43 against
+/// 103 ms at 1920x1080 on the build machine).
+fn encode_jpeg(rgb: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+    let side = |v: usize| {
+        u16::try_from(v).map_err(|_| encode_err(format!("{w}x{h} is too large for JPEG")))
     };
-    r.map_err(|e| Error::Invalid(format!("cannot encode image: {e}")))?;
+    let (w16, h16) = (side(w)?, side(h)?);
+    let mut out = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut out, 92);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
+    enc.encode(rgb, w16, h16, jpeg_encoder::ColorType::Rgb)
+        .map_err(encode_err)?;
     Ok(out)
 }
 
@@ -56,18 +58,10 @@ impl PendingFile {
     pub fn write(dst: &Path, bytes: &[u8]) -> Result<Self> {
         let name = dst.file_name().and_then(|n| n.to_str()).unwrap_or("out");
         let tmp = dst.with_file_name(format!(".{name}.takumi-tmp.{}", std::process::id()));
-        let res = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()
-        })();
-        if let Err(e) = res {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(Error::Output {
-                path: dst.into(),
-                reason: e.to_string(),
-            });
-        }
+        write_temp(&tmp, &[bytes], Durability::Data).map_err(|e| Error::Output {
+            path: dst.into(),
+            reason: e.source.to_string(),
+        })?;
         Ok(PendingFile {
             tmp,
             dst: dst.into(),
@@ -76,9 +70,9 @@ impl PendingFile {
 
     pub fn commit(self) -> Result<()> {
         // on failure `self` drops here and removes the temporary file
-        std::fs::rename(&self.tmp, &self.dst).map_err(|e| Error::Output {
+        rename_into(&self.tmp, &self.dst, Durability::Data).map_err(|e| Error::Output {
             path: self.dst.clone(),
-            reason: e.to_string(),
+            reason: e.source.to_string(),
         })?;
         std::mem::forget(self);
         Ok(())

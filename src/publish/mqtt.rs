@@ -32,8 +32,12 @@ use tokio::task::JoinHandle;
 
 use super::outbox::Outbox;
 
+pub use crate::config::TlsConfig;
 pub use rumqttc::QoS;
 
+// Reconnect backoff: doubling from BACKOFF_MIN to BACKOFF_MAX, reset on CONNACK. Kept as these
+// two lines rather than a backoff crate: those bring jitter, clocks and retry loops of their own,
+// none of which fits a poll loop that must keep driving rumqttc's event loop between tries.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest remaining length MQTT can encode.
@@ -220,17 +224,6 @@ impl std::fmt::Debug for MqttConfig {
     }
 }
 
-/// PEM files for a TLS connection (rustls). The broker's name is checked against `host`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    pub ca_file: PathBuf,
-    #[serde(default)]
-    pub client_cert_file: Option<PathBuf>,
-    #[serde(default)]
-    pub client_key_file: Option<PathBuf>,
-}
-
 /// A small fixed message: the will, or the birth message that undoes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -268,7 +261,8 @@ impl Incoming {
 }
 
 /// Counters since `start`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LinkStats {
     /// Durable messages written to the broker connection (resends included).
     pub sent: u64,
@@ -346,12 +340,51 @@ impl Shared {
     }
 }
 
+/// Says which incoming messages must reach the consumer even while it lags behind a flood (a
+/// station's status requests): see [`MqttLink::start_with_urgent`].
+pub type Urgent = Box<dyn Fn(&str, &[u8]) -> bool + Send + 'static>;
+
+/// Slots of the incoming channel, beyond `incoming_capacity`, that only urgent messages may
+/// take: a flood of others then fills the channel up to them and is dropped (and counted), and
+/// an urgent message still gets in.
+const URGENT_SLOTS: usize = 8;
+/// Only messages up to this size are offered to the urgent check, which may parse them: a
+/// status request is a few dozen bytes, and the link's own task must not parse large payloads.
+const URGENT_MAX_BYTES: usize = 1024;
+
+/// The sending end of the incoming channel, with the urgent check.
+struct Inbox {
+    tx: mpsc::Sender<Incoming>,
+    urgent: Urgent,
+}
+
+impl Inbox {
+    /// Passes a message on without waiting for the consumer; false when it had to be dropped.
+    fn pass(&self, msg: Incoming) -> bool {
+        let urgent =
+            msg.payload.len() <= URGENT_MAX_BYTES && (self.urgent)(&msg.topic, &msg.payload);
+        let room = if urgent { 1 } else { URGENT_SLOTS + 1 };
+        // this task is the only sender, so the room seen here can only grow until the send
+        self.tx.capacity() >= room && self.tx.try_send(msg).is_ok()
+    }
+}
+
 impl MqttLink {
     /// Starts the link on the current tokio runtime. Returns at once; it connects (and
     /// reconnects, with backoff) in the background and sends what the outbox holds.
     pub fn start(
         cfg: MqttConfig,
         outbox: Arc<Outbox>,
+    ) -> Result<(MqttLink, mpsc::Receiver<Incoming>), LinkError> {
+        Self::start_with_urgent(cfg, outbox, Box::new(|_, _| false))
+    }
+
+    /// [`MqttLink::start`], where incoming messages that `urgent` picks (among those up to
+    /// 1 KiB) still reach the consumer when it lags so far behind that others are dropped.
+    pub fn start_with_urgent(
+        cfg: MqttConfig,
+        outbox: Arc<Outbox>,
+        urgent: Urgent,
     ) -> Result<(MqttLink, mpsc::Receiver<Incoming>), LinkError> {
         cfg.validate()?;
         let runtime = tokio::runtime::Handle::try_current()
@@ -360,13 +393,13 @@ impl MqttLink {
         let window = cfg.inflight as usize;
         // Room for the durable window plus volatile messages and subscriptions.
         let (client, eventloop) = AsyncClient::new(options, window + 64);
-        let (tx, rx) = mpsc::channel(cfg.incoming_capacity);
+        let (tx, rx) = mpsc::channel(cfg.incoming_capacity.saturating_add(URGENT_SLOTS));
         let shared = Arc::new(Shared::default());
         let driver = runtime.spawn(drive(
             eventloop,
             shared.clone(),
             outbox.clone(),
-            tx,
+            Inbox { tx, urgent },
             cfg.birth.clone(),
             Duration::from_secs(cfg.ack_timeout_s),
             cfg.max_packet_bytes,
@@ -412,6 +445,7 @@ impl MqttLink {
     /// A handle that stores messages in this link's outbox from another task.
     pub fn publisher(&self) -> DurablePublisher {
         DurablePublisher {
+            client: self.client.clone(),
             shared: self.shared.clone(),
             outbox: self.outbox.clone(),
             max_packet_bytes: self.max_packet_bytes,
@@ -429,20 +463,7 @@ impl MqttLink {
     ) -> Result<(), LinkError> {
         let payload = payload.into();
         self.check_message(topic, payload.len())?;
-        let mut t = self.shared.lock();
-        if !t.connected {
-            return Err(LinkError::NotConnected);
-        }
-        t.fifo.push_back(None);
-        if self
-            .client
-            .try_publish(topic, qos, retain, payload)
-            .is_err()
-        {
-            t.fifo.pop_back();
-            return Err(LinkError::Busy);
-        }
-        Ok(())
+        send_volatile(&self.client, &self.shared, topic, payload, retain, qos)
     }
 
     /// Subscribes now if connected, and again after any reconnect that lost the session.
@@ -503,6 +524,7 @@ impl MqttLink {
 /// writer), so that an fsync there never holds up the task that owns the link.
 #[derive(Clone)]
 pub struct DurablePublisher {
+    client: AsyncClient,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
     max_packet_bytes: usize,
@@ -524,6 +546,21 @@ impl DurablePublisher {
         retain: bool,
     ) -> Result<u64, LinkError> {
         self.store(topic, payload, retain, false).await
+    }
+
+    /// `MqttLink::publish_volatile` at QoS 1, not retained: for an event saying that the outbox
+    /// itself failed (a full disk), which could not be stored either, so that a connected line
+    /// still hears it.
+    pub fn publish_volatile(&self, topic: &str, payload: Vec<u8>) -> Result<(), LinkError> {
+        check_message(topic, payload.len(), self.max_packet_bytes)?;
+        send_volatile(
+            &self.client,
+            &self.shared,
+            topic,
+            payload,
+            false,
+            QoS::AtLeastOnce,
+        )
     }
 
     async fn store(
@@ -548,6 +585,29 @@ impl DurablePublisher {
         self.shared.wake.notify_one();
         Ok(seq)
     }
+}
+
+/// Hands a message to rumqttc without storing it; only while connected, so that it is not
+/// queued for a connection that may never come.
+fn send_volatile(
+    client: &AsyncClient,
+    shared: &Shared,
+    topic: &str,
+    payload: Vec<u8>,
+    retain: bool,
+    qos: QoS,
+) -> Result<(), LinkError> {
+    let mut t = shared.lock();
+    if !t.connected {
+        return Err(LinkError::NotConnected);
+    }
+    // every PUBLISH request is tracked in the FIFO; None: no outbox entry behind it
+    t.fifo.push_back(None);
+    if client.try_publish(topic, qos, retain, payload).is_err() {
+        t.fifo.pop_back();
+        return Err(LinkError::Busy);
+    }
+    Ok(())
 }
 
 impl Drop for MqttLink {
@@ -667,7 +727,7 @@ async fn drive(
     mut el: EventLoop,
     sh: Arc<Shared>,
     outbox: Arc<Outbox>,
-    tx: mpsc::Sender<Incoming>,
+    inbox: Inbox,
     birth: Option<StatusMessage>,
     ack_timeout: Duration,
     max_incoming: usize,
@@ -698,7 +758,7 @@ async fn drive(
                     Incoming::new(p.topic, Vec::from(p.payload))
                 };
                 // Never wait for the consumer: that would stall acks and pings.
-                if tx.try_send(msg).is_err() {
+                if !inbox.pass(msg) {
                     let n = sh.dropped_incoming.fetch_add(1, Ordering::Relaxed) + 1;
                     if n.is_power_of_two() {
                         tracing::warn!(dropped = n, "mqtt: consumer too slow, incoming dropped");

@@ -7,12 +7,13 @@
 //! open with a warning; the link then never sends it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::mqtt::LinkError;
+use crate::atomic_write::{self, Durability};
 
 const MAGIC: &[u8; 4] = b"TKOB";
 const VERSION: u8 = 1;
@@ -378,36 +379,16 @@ fn read_seq_file(path: &Path) -> Result<u64, LinkError> {
     }
 }
 
-/// temp file + fsync + rename + fsync dir; on any error the temp file is removed.
+/// temp file + fsync + rename + fsync dir ([`crate::atomic_write`]); on any error the temp file
+/// is removed.
 fn write_atomic(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), LinkError> {
     let tmp = dir.join(format!("{name}.{TMP_EXT}"));
-    let dst = dir.join(name);
-    let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        for p in parts {
-            f.write_all(p)?;
-        }
-        f.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(LinkError::io(&tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, &dst) {
-        let _ = fs::remove_file(&tmp);
-        return Err(LinkError::io(&dst, e));
-    }
-    sync_dir(dir)
+    atomic_write::write_atomic(&tmp, &dir.join(name), parts, Durability::Full)
+        .map_err(|e| LinkError::io(&e.path, e.source))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LinkError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| LinkError::io(dir, e))
+    atomic_write::sync_dir(dir).map_err(|e| LinkError::io(dir, e))
 }
 
 fn remove_logged(path: &Path, what: &str) {

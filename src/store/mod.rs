@@ -1,7 +1,7 @@
 //! The template store: a directory holding one file per template, `NAME.tkt`.
 //!
-//! Crash safety: a template is written to a temporary file in the same
-//! directory (`.NAME.tmp.PID.SEQ`), flushed to disk, renamed over `NAME.tkt`
+//! Crash safety ([`crate::atomic_write`]): a template is written to a temporary
+//! file in the same directory (`.NAME.tmp.PID.SEQ`), flushed to disk, renamed over `NAME.tkt`
 //! and the directory entry flushed too. Rename is atomic, so after a crash
 //! `NAME.tkt` is the old or the new template, never a mix. Temporary files a
 //! crash leaves behind are removed by the next [`TemplateStore::open`]; a
@@ -14,15 +14,17 @@ mod check;
 mod name;
 pub mod template;
 
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Write};
+use std::fs::{self, File, TryLockError};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use name::{MAX_NAME_LEN, TemplateName};
+
+use crate::atomic_write::{Durability, Step, sync_dir, write_atomic};
 pub use template::{
     CHECKSUM_LEN, Card, FORMAT_VERSION, PairRegistration, PartGains, SourcePair, THUMB_BYTES,
-    THUMB_SIDE, Template,
+    Template,
 };
 
 /// Extension of template files.
@@ -57,6 +59,12 @@ pub enum StoreError {
     /// The template cannot be written (for example a NaN weight); nothing was saved.
     #[error("template cannot be saved: {reason}")]
     Invalid { reason: String },
+}
+
+impl From<StoreError> for crate::Error {
+    fn from(e: StoreError) -> Self {
+        crate::Error::Store(Box::new(e))
+    }
 }
 
 /// One template of [`TemplateStore::list`]: its name and how loading it went.
@@ -102,31 +110,18 @@ impl TemplateStore {
         let bytes = t.encode()?;
         let target = self.path_of(&t.name);
         let tmp = self.dir.join(temp_file_name(&t.name));
-        // Errors name the template file: the temporary one is an internal detail.
-        let io_err = |source| StoreError::Io {
-            path: target.clone(),
-            source,
-        };
-
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err)?;
-        let written = (|| {
-            // Tells a concurrent `open` that this temp file is not stale. A
-            // file system without locks only loses that protection.
-            let _ = file.try_lock();
-            (&file).write_all(&bytes)?;
-            file.sync_all()?;
-            fs::rename(&tmp, &target)
-        })();
-        drop(file);
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(e));
-        }
-        self.sync_dir()
+        write_atomic(&tmp, &target, &[&bytes], Durability::Full).map_err(|e| {
+            // errors name the template file: the temporary one is an internal detail
+            let path = if e.step == Step::SyncDir {
+                e.path
+            } else {
+                target
+            };
+            StoreError::Io {
+                path,
+                source: e.source,
+            }
+        })
     }
 
     /// Installs a template file made elsewhere (a fleet message, a command): it is decoded and
@@ -249,16 +244,12 @@ impl TemplateStore {
         Ok(())
     }
 
-    /// Makes a rename or removal durable: without it a power cut can undo it.
+    /// Makes a removal durable: without it a power cut can undo it.
     fn sync_dir(&self) -> Result<(), StoreError> {
-        #[cfg(unix)]
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| StoreError::Io {
-                path: self.dir.clone(),
-                source,
-            })?;
-        Ok(())
+        sync_dir(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        })
     }
 }
 

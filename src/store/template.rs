@@ -53,17 +53,16 @@ pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build still reads.
 pub const OLDEST_VERSION: u32 = 1;
 
-/// Side of the square before/after thumbnails, in pixels.
-pub const THUMB_SIDE: usize = 64;
-
-/// Bytes of one RGB8 thumbnail.
-pub const THUMB_BYTES: usize = THUMB_SIDE * THUMB_SIDE * 3;
+/// Bytes of one RGB8 before/after thumbnail: the model's own thumbnail, [`THUMB`] px a side.
+pub const THUMB_BYTES: usize = THUMB * THUMB * 3;
 
 /// Length of the trailing checksum.
 pub const CHECKSUM_LEN: usize = 32;
 
-use crate::engine::Learned;
 pub use crate::engine::card::{Card, PairRegistration, PartGains};
+use crate::engine::model::THUMB;
+use crate::engine::{Engine, LearnOptions, Learned};
+use crate::frame::Frame;
 
 const META_KEY: &str = "takumi";
 const T_DELTA: &str = "delta";
@@ -76,12 +75,14 @@ const T_THUMBS: &str = "thumbs";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SourcePair {
-    /// Hex BLAKE3 of the source image files' bytes.
+    /// Hex BLAKE3 of the before image's decoded pixels (8-bit RGB, row-major interleaved), not
+    /// of a file: a pair hashes the same whether it came as files, as MQTT payloads or from the
+    /// camera, which gives no file at all.
     pub before_blake3: String,
     pub after_blake3: String,
     pub width: u32,
     pub height: u32,
-    /// RGB8, `THUMB_SIDE` x `THUMB_SIDE`, row-major interleaved.
+    /// RGB8, [`THUMB`] x [`THUMB`], row-major interleaved.
     #[serde(skip)]
     pub thumb_before: Vec<u8>,
     #[serde(skip)]
@@ -177,6 +178,48 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+impl SourcePair {
+    /// The record a template keeps of one of its pairs: size, pixel hashes and thumbnails.
+    pub fn of(before: &Frame, after: &Frame) -> SourcePair {
+        let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
+        let thumb = |f: &Frame| {
+            Frame {
+                width: THUMB,
+                height: THUMB,
+                data: crate::engine::filterbank::thumbnail(f),
+            }
+            .to_rgb8()
+        };
+        SourcePair {
+            before_blake3: hash(before),
+            after_blake3: hash(after),
+            width: before.width as u32,
+            height: before.height as u32,
+            thumb_before: thumb(before),
+            thumb_after: thumb(after),
+        }
+    }
+}
+
+impl Template {
+    /// Learns a template from `pairs` (each of one size) and names it: the one place, for the
+    /// command line and the station alike, where a learned template gets its name, model,
+    /// creation time and the record of its pairs.
+    pub fn learn(
+        engine: &Engine,
+        name: TemplateName,
+        pairs: &[(Frame, Frame)],
+        opts: LearnOptions,
+    ) -> crate::Result<Template> {
+        let learned = engine.learn_with(pairs, opts)?;
+        let created_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let sources = pairs.iter().map(|(b, a)| SourcePair::of(b, a)).collect();
+        Ok(learned.into_template(name, engine.models.hash.clone(), created_unix, sources))
+    }
+}
+
 /// The store's side of `learn`: the engine knows nothing of names, sources or files.
 impl Learned {
     /// The template to store: the one place a learned template gets its name and sources.
@@ -251,7 +294,7 @@ impl Template {
                 T_THUMBS,
                 Raw {
                     dtype: Dtype::U8,
-                    shape: vec![self.sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3],
+                    shape: vec![self.sources.len(), 2, THUMB, THUMB, 3],
                     data: thumbs,
                 },
             ),
@@ -456,7 +499,7 @@ impl<'a> Container<'a> {
     /// Fills in each source pair's thumbnails from the `thumbs` tensor.
     fn thumbs(&self, sources: &mut [SourcePair]) -> Result<(), StoreError> {
         let (shape, thumbs) = self.tensor(T_THUMBS, Dtype::U8)?;
-        let want = [sources.len(), 2, THUMB_SIDE, THUMB_SIDE, 3];
+        let want = [sources.len(), 2, THUMB, THUMB, 3];
         if shape != want {
             return Err(decode_err(format!(
                 "tensor {T_THUMBS} has shape {shape:?}, expected {want:?} for {} source pairs",

@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -91,4 +92,141 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A mosquitto of its own for one test, on a loopback port, with its log in its folder.
+pub struct Mosquitto {
+    pub port: u16,
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn mosquitto_bin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file())
+}
+
+/// Whether mosquitto is installed; false (the test skips, saying so) outside CI, a failure
+/// under CI=true, where .ci/run installs it.
+pub fn have_mosquitto() -> bool {
+    if mosquitto_bin().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "mosquitto is not installed, and CI=true: .ci/run must install it"
+    );
+    eprintln!("SKIPPED: mosquitto is not installed (apt-get install mosquitto)");
+    false
+}
+
+impl Mosquitto {
+    /// mosquitto on `port`; `persistence`: sessions kept on disk (saved every second) across
+    /// kill -9 and restart; `extra`: more configuration lines for the listener (TLS, limits).
+    /// None (the test skips) when mosquitto is not installed, except under CI=true.
+    pub fn start(port: u16, persistence: bool, extra: &str) -> Option<Mosquitto> {
+        let bin = mosquitto_bin().filter(|_| have_mosquitto())?;
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            "listener {port} 127.0.0.1\n{extra}\nallow_anonymous true\npersistence {persistence}\n\
+             persistence_location {}/\nautosave_interval 1\nuser root\nlog_dest stderr\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto {
+            port,
+            bin,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        Some(m)
+    }
+
+    /// Starts (or restarts) the broker and waits until it listens.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .unwrap();
+        let mut child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("mosquitto exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto not listening:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap(); // SIGKILL
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, and waits for the exit: a clean stop, in which mosquitto saves its persistence
+    /// file (the sessions and their queued messages), unlike `kill9`.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = c.id().to_string();
+            let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+            assert!(sent.success());
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGSTOP: messages sent meanwhile sit unread and unacked in the broker's socket
+    /// buffers; a kill -9 after that loses them, so they must come from the outbox.
+    pub fn freeze(&self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+        assert!(stopped.success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// mosquitto on a free port with room for the station's largest commands.
+pub fn mosquitto() -> Option<Mosquitto> {
+    mosquitto_with("max_packet_size 16777216")
+}
+
+/// mosquitto on a free port with `extra` configuration lines; "" keeps its defaults (no packet
+/// size limit).
+pub fn mosquitto_with(extra: &str) -> Option<Mosquitto> {
+    Mosquitto::start(free_port(), false, extra)
 }
