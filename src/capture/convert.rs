@@ -168,7 +168,6 @@ pub fn mjpeg_to_frame(
     Ok(Frame::from_rgb8(width, height, rgb.as_raw()))
 }
 
-/// Decoder messages may hold line breaks; a log line must not.
 /// The JPEG up to its end-of-image marker, or `None` when there is none: the decoder pads a
 /// cut-off scan with grey instead of failing, so every JPEG is checked here first. Padding after
 /// the marker is allowed: zeros (some UVC cameras fill their buffers) and white space (files).
@@ -181,6 +180,7 @@ pub(crate) fn complete_jpeg(bytes: &[u8]) -> Option<&[u8]> {
     jpeg.ends_with(&[0xFF, 0xD9]).then_some(jpeg)
 }
 
+/// Decoder messages may hold line breaks; a log line must not.
 pub(crate) fn one_line(msg: &str) -> String {
     msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }
