@@ -528,3 +528,27 @@ fn folder_apply_matches_single_apply_and_ends_with_a_summary() {
         );
     }
 }
+
+/// Outside the repository (no `models/` there, and no package installed in /usr/share), every
+/// command that needs the models says once how to point takumi at them.
+#[test]
+fn missing_models_are_one_error_naming_how_to_point_at_them() {
+    if Path::new("/usr/share/takumi/models").exists() {
+        eprintln!("skipped: a takumi package is installed here, and would be found");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let s = samples();
+    let err = run_err(
+        takumi(&d.path().join("store"))
+            .current_dir(d.path())
+            .env_remove("TAKUMI_MODELS")
+            .args(["learn", "--name", "p", "--before"])
+            .arg(s.join("pair_before.jpg"))
+            .arg("--after")
+            .arg(s.join("pair_after.jpg")),
+    );
+    for want in ["--models", "TAKUMI_MODELS", "no model.json"] {
+        assert!(err.contains(want), "{want} not in: {err}");
+    }
+}

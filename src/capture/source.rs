@@ -217,7 +217,10 @@ fn is_file_or_fifo(path: &Path) -> bool {
 
 fn read_image(path: &Path, limits: &ImageLimits) -> Result<Frame, CaptureError> {
     load_image(path, limits).map_err(|e| match e {
-        crate::Error::Io { path, source } => CaptureError::Io { path, source },
+        crate::Error::Io { path, cause } => CaptureError::Io {
+            path,
+            source: cause,
+        },
         e => CaptureError::Format(one_line(&e.to_string())),
     })
 }

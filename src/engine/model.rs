@@ -116,6 +116,14 @@ fn load_plan(path: &Path, precision: Precision) -> Result<Plan> {
 impl Models {
     pub fn load(dir: &Path, precision: Precision) -> Result<Self> {
         let meta_path = dir.join("model.json");
+        if !meta_path.is_file() {
+            return Err(model_err(
+                dir,
+                "no model.json here: give takumi its models folder with --models DIR, \
+                 TAKUMI_MODELS=DIR or [engine] models in the config (the package installs it \
+                 in /usr/share/takumi/models)",
+            ));
+        }
         let meta_bytes = std::fs::read(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
         let meta: ModelMeta =
             serde_json::from_slice(&meta_bytes).map_err(|e| model_err(&meta_path, e))?;
