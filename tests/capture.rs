@@ -699,3 +699,26 @@ fn error_messages_are_one_line() {
     };
     assert_eq!(size.to_string(), "frame is 80x60, expected 64x48");
 }
+
+/// A PNG whose palette is not a whole number of RGB entries: png 0.18.1 panics on it
+/// (image-rs/image-png#694; found by fuzz/ image_decode), so it must be refused before decoding.
+#[test]
+fn a_ragged_png_palette_is_refused_not_panicked_on() {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        c.extend_from_slice(&[0; 4]); // CRC: the check comes before the decoder reads it
+        c
+    };
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    // 64x64, 8-bit, colour type 3 (palette)
+    png.extend(chunk(b"IHDR", &[0, 0, 0, 64, 0, 0, 0, 64, 8, 3, 0, 0, 0]));
+    png.extend(chunk(b"PLTE", &[1, 2, 3, 4]));
+    png.extend(chunk(b"IDAT", &[0; 8]));
+    png.extend(chunk(b"IEND", &[]));
+    let err = takumi::capture::file::decode_image(&png, &ImageLimits::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("palette"), "{err}");
+}

@@ -102,6 +102,25 @@ pub fn load_image(path: &Path, limits: &ImageLimits) -> Result<Frame> {
     decode_image(&bytes, limits).map_err(|e| e.at(path))
 }
 
+/// The length of a PNG's palette chunk when it is not a multiple of 3. png 0.18.1 (the latest
+/// release) panics on such a palette (image-rs/image-png#694, fixed upstream but unreleased), so
+/// it is refused before the decoder sees it. Found by `fuzz/` (target image_decode). Only the
+/// chunks before the image data are walked, where PLTE must be; a malformed chunk list is left
+/// for the decoder to report.
+fn ragged_png_palette(png: &[u8]) -> Option<u32> {
+    let mut rest = png.get(8..)?; // the signature
+    while let (Some(len), Some(kind)) = (rest.get(..4), rest.get(4..8)) {
+        let len = u32::from_be_bytes(len.try_into().ok()?);
+        match kind {
+            b"PLTE" => return (len % 3 != 0).then_some(len),
+            b"IDAT" | b"IEND" => return None,
+            // length, type, data, CRC
+            _ => rest = rest.get(usize::try_from(len).ok()?.checked_add(12)?..)?,
+        }
+    }
+    None
+}
+
 /// Decodes PNG or JPEG bytes (from a file or an MQTT payload) into a frame.
 pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<Frame> {
     let bad = |reason: String| Error::BadImage {
@@ -117,6 +136,13 @@ pub fn decode_image(bytes: &[u8], limits: &ImageLimits) -> Result<Frame> {
     }
     if fmt == ImageFormat::Jpeg && complete_jpeg(bytes).is_none() {
         return Err(bad("truncated JPEG: no end-of-image marker".into()));
+    }
+    if fmt == ImageFormat::Png
+        && let Some(len) = ragged_png_palette(bytes)
+    {
+        return Err(bad(format!(
+            "PNG palette (PLTE) of {len} bytes is not a whole number of RGB entries"
+        )));
     }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), fmt);
     let (w, h) = reader
