@@ -209,11 +209,53 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
-    /// The fleet's ed25519 public key, base64 (32 bytes). Absent: local-only mode.
+    /// Take part in the fleet: install signed templates from the fleet topic, and publish them
+    /// with `templates.publish` when this station also holds the signing key. Off: local-only.
+    pub enabled: bool,
+    /// The fleet's ed25519 public key, base64 (32 bytes); required when `enabled`.
     pub public_key: Option<String>,
     /// File holding the fleet's signing key (base64 of the 32-byte seed); only stations that
     /// share their templates need it.
     pub signing_key_file: Option<PathBuf>,
+}
+
+/// Longest station id a fleet station may sign with (the signer field of a signed template).
+pub const MAX_SIGNER_LEN: usize = 64;
+
+impl FleetConfig {
+    /// Keys and `enabled` must agree: a fleet station without the public key would have to
+    /// take unsigned templates, and keys on a disabled fleet would be ignored silently.
+    /// `station_id` is the signer a signing station names in what it publishes.
+    pub fn validate(&self, station_id: &str) -> Result<()> {
+        if self.enabled && self.public_key.is_none() {
+            return Err(Error::config(
+                "fleet.public_key",
+                "required with [fleet] enabled = true: without it the station would accept \
+                 unsigned templates from anyone who can write the fleet topic",
+            ));
+        }
+        if !self.enabled && (self.public_key.is_some() || self.signing_key_file.is_some()) {
+            let key = match self.public_key {
+                Some(_) => "fleet.public_key",
+                None => "fleet.signing_key_file",
+            };
+            return Err(Error::config(
+                key,
+                "set while [fleet] enabled = false: set enabled = true to take part in the \
+                 fleet, or remove the keys for a local-only station",
+            ));
+        }
+        if self.signing_key_file.is_some() && station_id.len() > MAX_SIGNER_LEN {
+            return Err(Error::config(
+                "station.id",
+                format!(
+                    "at most {MAX_SIGNER_LEN} bytes on a station that signs fleet templates: \
+                     they name it as their signer"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl EngineConfig {
@@ -302,6 +344,7 @@ impl Config {
             return Err(Error::config("outbox.max_entries", "must be at least 1"));
         }
         self.mqtt.validate()?;
+        self.fleet.validate(&self.station.id)?;
         self.limits
             .validate()
             .map_err(|reason| Error::config("limits", reason))?;
@@ -401,5 +444,30 @@ mod tests {
         assert_eq!(key_of("[limits]\nmin_side = 8"), "limits");
         let both = "[mqtt]\npassword_file = \"p\"\npassword_env = \"P\"";
         assert_eq!(key_of(both), "mqtt.password_file");
+    }
+
+    #[test]
+    fn a_fleet_station_without_its_key_does_not_start() {
+        let reason = |text: &str| match Config::parse(text) {
+            Err(Error::Config { key, reason }) => (key, reason),
+            other => panic!("{text}: {other:?}"),
+        };
+        let (key, why) = reason("[fleet]\nenabled = true");
+        assert_eq!(key, "fleet.public_key");
+        assert!(why.contains("unsigned templates"), "{why}");
+        // keys on a disabled fleet: no silent local-only mode
+        assert_eq!(key_of("[fleet]\npublic_key = \"AAAA\""), "fleet.public_key");
+        assert_eq!(
+            key_of("[fleet]\nsigning_key_file = \"k\""),
+            "fleet.signing_key_file"
+        );
+        let signer = format!(
+            "[station]\nid = \"{}\"\n[fleet]\nenabled = true\npublic_key = \"A\"\n\
+             signing_key_file = \"k\"",
+            "a".repeat(65)
+        );
+        assert_eq!(key_of(&signer), "station.id");
+        assert!(Config::parse("[fleet]\nenabled = true\npublic_key = \"AAAA\"").is_ok());
+        assert!(Config::parse("[fleet]\nenabled = false").is_ok());
     }
 }

@@ -40,6 +40,7 @@ use base64::Engine as _;
 use common::*;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
+use takumi::appliance::line_client::answers;
 use takumi::publish::outbox::RESERVE_ENTRIES;
 use takumi::store::{Template, TemplateStore};
 
@@ -339,7 +340,7 @@ impl Seen {
     }
 
     fn event_for(&self, request: &str) -> Option<&Value> {
-        self.events.iter().find(|e| e["request_id"] == request)
+        self.events.iter().find(|e| answers(e, request))
     }
 
     fn codes(&self) -> BTreeMap<String, usize> {

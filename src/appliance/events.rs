@@ -5,8 +5,8 @@
 //! stored is counted, logged and, where possible, said in an event: nothing is dropped without a
 //! trace.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,15 @@ use crate::publish::mqtt::DurablePublisher;
 /// Messages waiting for the writer, at most; events beyond it are counted, not kept, so a flood
 /// of refused commands costs bounded memory (results wait for room instead).
 const QUEUE: usize = 1024;
+
+/// Request ids of refused commands waiting to be said, at most (64 bytes each at most: 6.4 MB).
+/// The writer stores events at ~150/s on a slow disk while a flood refuses 10,000 commands/s, so
+/// refusals are said in groups: one `overloaded` event lists every id refused since the last.
+const REFUSED_IDS: usize = 100_000;
+
+/// Ids listed in one `overloaded` event, at most: 1,000 ids keep it near 70 kB, well inside a
+/// line client's packet limit.
+const IDS_PER_EVENT: usize = 1000;
 
 /// Work the service refused and messages it could not store, for the status's counters.
 #[derive(Debug, Default)]
@@ -78,6 +87,8 @@ enum Item {
         meta: ResultMeta,
         parts: Vec<(String, Vec<u8>)>,
     },
+    /// Refused commands are waiting in [`Refusals`]: store their grouped events.
+    Refusals,
     /// A template for the fleet topic: retained, and within the bounds (new work for others).
     Fleet {
         name: String,
@@ -91,30 +102,108 @@ pub struct EventQueue {
     tx: mpsc::Sender<Item>,
     event_topic: String,
     drops: Arc<Drops>,
+    refusals: Arc<Refusals>,
     writer: JoinHandle<()>,
+}
+
+/// Refused commands not yet said, grouped by the reason given, in order of first refusal.
+#[derive(Default)]
+struct Refusals {
+    waiting: Mutex<Vec<(Level, String, Vec<String>)>>,
+    /// A [`Item::Refusals`] is in the writer's queue: the ids added meanwhile ride on it.
+    queued: AtomicBool,
+}
+
+impl Refusals {
+    /// Adds one refused command's id; false when the bound is reached (the caller counts it).
+    fn add(&self, e: &Event, id: String) -> bool {
+        let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if w.iter().map(|g| g.2.len()).sum::<usize>() >= REFUSED_IDS {
+            return false;
+        }
+        match w.iter_mut().find(|g| g.1 == e.message) {
+            Some(g) => g.2.push(id),
+            None => w.push((e.level, e.message.clone(), vec![id])),
+        }
+        true
+    }
+
+    /// Everything waiting, as events of at most [`IDS_PER_EVENT`] ids; one id keeps the usual
+    /// form (`request_id`), several are listed in `request_ids`.
+    fn take(&self) -> Vec<Vec<u8>> {
+        self.queued.store(false, Ordering::SeqCst);
+        let groups = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut out = Vec::new();
+        for (level, message, ids) in groups {
+            for chunk in ids.chunks(IDS_PER_EVENT) {
+                out.push(grouped(level, &message, chunk));
+            }
+        }
+        out
+    }
+}
+
+/// The payload of one `overloaded` event for the refused commands `ids`.
+fn grouped(level: Level, message: &str, ids: &[String]) -> Vec<u8> {
+    let e = match ids {
+        [one] => Event {
+            level,
+            code: "overloaded".into(),
+            message: message.into(),
+            request_id: Some(one.clone()),
+            request_ids: Vec::new(),
+        },
+        _ => Event {
+            level,
+            code: "overloaded".into(),
+            message: format!("{} commands refused: {message}", ids.len()),
+            request_id: None,
+            request_ids: ids.to_vec(),
+        },
+    };
+    serde_json::to_vec(&e).unwrap_or_default()
 }
 
 impl EventQueue {
     /// Starts the writer on the current runtime.
     pub fn start(publisher: DurablePublisher, event_topic: String, drops: Arc<Drops>) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let refusals = Arc::new(Refusals::default());
         let writer = Writer {
             publisher,
             event_topic: event_topic.clone(),
             drops: drops.clone(),
+            refusals: refusals.clone(),
         };
         EventQueue {
             tx,
             event_topic,
             drops,
+            refusals,
             writer: tokio::spawn(writer.run(rx)),
         }
     }
 
     pub fn event(&self, e: &Event) {
+        if let (true, Some(id)) = (e.code == "overloaded", &e.request_id) {
+            return self.refused(e, id.clone());
+        }
         match serde_json::to_vec(e) {
             Ok(payload) => self.send(self.event_topic.clone(), payload),
             Err(err) => lost(&self.drops, &err),
+        }
+    }
+
+    /// A refused command: its id joins the group the writer says next.
+    fn refused(&self, e: &Event, id: String) {
+        if !self.refusals.add(e, id) {
+            return lost(&self.drops, &"too many refused commands waiting to be said");
+        }
+        // one marker in the queue at a time; if the queue is full, the next refusal retries
+        if !self.refusals.queued.swap(true, Ordering::SeqCst)
+            && self.tx.try_send(Item::Refusals).is_err()
+        {
+            self.refusals.queued.store(false, Ordering::SeqCst);
         }
     }
 
@@ -158,6 +247,7 @@ struct Writer {
     publisher: DurablePublisher,
     event_topic: String,
     drops: Arc<Drops>,
+    refusals: Arc<Refusals>,
 }
 
 impl Writer {
@@ -166,6 +256,7 @@ impl Writer {
             match item {
                 Item::Notice { topic, payload } => self.store_or_send(&topic, payload).await,
                 Item::Result { meta, parts } => self.result(meta, parts).await,
+                Item::Refusals => self.say_refusals().await,
                 Item::Fleet { name, topic, file } => {
                     if let Err(e) = self.publisher.publish(&topic, file, true).await {
                         let msg = format!("fleet template {name}: {e}");
@@ -173,6 +264,19 @@ impl Writer {
                     }
                 }
             }
+            // refusals whose marker found the queue full: said after the item that filled it
+            if !self.refusals.queued.load(Ordering::SeqCst) {
+                self.say_refusals().await;
+            }
+        }
+        // at shutdown, the refusals not yet said
+        self.say_refusals().await;
+    }
+
+    /// Stores the grouped events of the commands refused so far.
+    async fn say_refusals(&self) {
+        for payload in self.refusals.take() {
+            self.store_or_send(&self.event_topic, payload).await;
         }
     }
 
@@ -217,6 +321,7 @@ impl Writer {
             code: "outbox_failed".into(),
             message,
             request_id,
+            request_ids: Vec::new(),
         };
         let payload = serde_json::to_vec(&e).unwrap_or_default();
         self.store_or_send(&self.event_topic, payload).await;
@@ -228,5 +333,64 @@ fn lost(drops: &Drops, why: &dyn std::fmt::Display) {
     // at powers of two: a flood of refusals must not become a flood of log lines
     if n.is_power_of_two() {
         tracing::warn!(dropped = n, reason = %why, "event not stored, dropped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(message: &str) -> Event {
+        Event {
+            level: Level::Error,
+            code: "overloaded".into(),
+            message: message.into(),
+            request_id: None,
+            request_ids: Vec::new(),
+        }
+    }
+
+    fn parse(payload: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(payload).unwrap()
+    }
+
+    #[test]
+    fn refusals_are_said_in_groups_that_name_every_id() {
+        let r = Refusals::default();
+        let full = refused("queue full");
+        for i in 0..2500 {
+            assert!(r.add(&full, format!("c{i}")));
+        }
+        assert!(r.add(&refused("outbox full"), "x".into()));
+        let events: Vec<_> = r.take().iter().map(|p| parse(p)).collect();
+        // 2,500 ids in events of 1,000, then the other reason's single id in the usual form
+        assert_eq!(events.len(), 4);
+        let ids: Vec<&str> = events[..3]
+            .iter()
+            .flat_map(|e| e["request_ids"].as_array().unwrap())
+            .map(|i| i.as_str().unwrap())
+            .collect();
+        assert_eq!(ids, (0..2500).map(|i| format!("c{i}")).collect::<Vec<_>>());
+        assert_eq!(events[0]["message"], "1000 commands refused: queue full");
+        assert_eq!(events[2]["message"], "500 commands refused: queue full");
+        assert_eq!(events[3]["request_id"], "x");
+        assert_eq!(events[3]["message"], "outbox full");
+        assert!(events[3].get("request_ids").is_none());
+        // parsed as the station's own event type by a line client
+        let e: Event = serde_json::from_value(events[3].clone()).unwrap();
+        assert_eq!(e.code, "overloaded");
+        assert!(r.take().is_empty(), "said twice");
+    }
+
+    #[test]
+    fn refusals_beyond_the_bound_are_refused_for_counting() {
+        let r = Refusals::default();
+        let e = refused("queue full");
+        for i in 0..REFUSED_IDS {
+            assert!(r.add(&e, i.to_string()));
+        }
+        assert!(!r.add(&e, "one more".into()));
+        assert_eq!(r.take().len(), REFUSED_IDS / IDS_PER_EVENT);
+        assert!(r.add(&e, "room again".into()));
     }
 }

@@ -95,8 +95,7 @@ impl LineClient {
         let topic = format!("{}/event", self.root);
         let (_, p) = self
             .wait(|t, p| {
-                t == topic
-                    && serde_json::from_slice::<Value>(p).is_ok_and(|v| v["request_id"] == request)
+                t == topic && serde_json::from_slice::<Value>(p).is_ok_and(|v| answers(&v, request))
             })
             .await?;
         let v: Value = serde_json::from_slice(&p).map_err(err)?;
@@ -125,4 +124,13 @@ impl LineClient {
         }
         meta.zip(image).ok_or_else(|| err("no result"))
     }
+}
+
+/// Whether an event answers `request`: by its `request_id`, or among the `request_ids` of a
+/// grouped `overloaded` event.
+pub fn answers(event: &Value, request: &str) -> bool {
+    event["request_id"] == request
+        || event["request_ids"]
+            .as_array()
+            .is_some_and(|ids| ids.iter().any(|i| i == request))
 }

@@ -62,6 +62,11 @@ pub enum Op {
     TemplatesInstall {
         template: Vec<u8>,
     },
+    /// Sign the named template and publish it on the fleet topic; taken only on the admin
+    /// topic, and only for a template with an approved result on this station.
+    TemplatesPublish {
+        name: String,
+    },
     Status,
 }
 
@@ -240,6 +245,9 @@ pub fn parse_command(payload: &[u8]) -> Result<Command, ProtocolError> {
         "templates.delete" => Op::TemplatesDelete {
             name: args::<NameArgs>(&op, rest)?.name,
         },
+        "templates.publish" => Op::TemplatesPublish {
+            name: args::<NameArgs>(&op, rest)?.name,
+        },
         "templates.install" => Op::TemplatesInstall {
             template: b64(
                 &op,
@@ -261,6 +269,10 @@ pub struct Event {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Several requests one event answers: `overloaded` groups the commands refused since the
+    /// last one (a flood refuses faster than events can be stored one by one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_ids: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

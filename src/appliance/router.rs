@@ -12,6 +12,9 @@ use crate::publish::mqtt::Incoming;
 pub enum Job {
     /// A command payload, parsed by the station.
     Command(Vec<u8>),
+    /// A command from the admin topic (only the operator's account may write it): the one
+    /// place `templates.publish` is taken.
+    Admin(Vec<u8>),
     /// A signed template from the fleet topic.
     Fleet(Vec<u8>),
     /// An interval capture.
@@ -50,6 +53,8 @@ pub enum Route {
 pub struct Bounds {
     /// `<prefix>/<id>/cmd`.
     pub cmd_topic: String,
+    /// `<prefix>/<id>/admin`: commands too, under the broker's stricter ACL.
+    pub admin_topic: String,
     /// `<prefix>/fleet/template/`.
     pub fleet_prefix: String,
     /// `[station] max_payload_bytes`: larger commands are dropped.
@@ -74,6 +79,7 @@ fn overloaded(level: Level, message: String, request_id: Option<String>) -> Even
         code: "overloaded".into(),
         message,
         request_id,
+        request_ids: Vec::new(),
     }
 }
 
@@ -93,7 +99,9 @@ impl Router {
     /// One incoming message; `outbox_full`: the result outbox is at its bounds.
     pub fn incoming(&self, m: Incoming, outbox_full: bool) -> Route {
         if m.topic == self.bounds.cmd_topic {
-            self.command(m, outbox_full)
+            self.command(m, outbox_full, Job::Command)
+        } else if m.topic == self.bounds.admin_topic {
+            self.command(m, outbox_full, Job::Admin)
         } else if m.topic.starts_with(&self.bounds.fleet_prefix) {
             self.fleet(m)
         } else {
@@ -101,7 +109,8 @@ impl Router {
         }
     }
 
-    fn command(&self, m: Incoming, outbox_full: bool) -> Route {
+    /// A command from the cmd or the admin topic; `job` says which.
+    fn command(&self, m: Incoming, outbox_full: bool, job: fn(Vec<u8>) -> Job) -> Route {
         let b = &self.bounds;
         if m.oversized() || m.size > b.max_payload_bytes {
             let event = Event {
@@ -112,6 +121,7 @@ impl Router {
                     m.size, b.max_payload_bytes
                 ),
                 request_id: None,
+                request_ids: Vec::new(),
             };
             return Route::Refuse {
                 event: Some(event),
@@ -132,7 +142,7 @@ impl Router {
         }
         let message = format!("{} commands already queued; refused", b.queue);
         Route::Submit {
-            job: Job::Command(m.payload),
+            job: job(m.payload),
             if_full: Some(overloaded(Level::Error, message, rid)),
             count: Some(Refusal::Command),
         }
@@ -148,6 +158,7 @@ impl Router {
                     m.topic, m.size, self.bounds.link_limit
                 ),
                 request_id: None,
+                request_ids: Vec::new(),
             };
             return Route::Refuse {
                 event: Some(event),
@@ -210,6 +221,7 @@ mod tests {
     fn router() -> Router {
         Router::new(Bounds {
             cmd_topic: "t/s/cmd".into(),
+            admin_topic: "t/s/admin".into(),
             fleet_prefix: "t/fleet/template/".into(),
             max_payload_bytes: 100,
             link_limit: 1000,
@@ -280,6 +292,39 @@ mod tests {
     }
 
     #[test]
+    fn admin_commands_are_queued_as_admin_jobs_under_the_same_bounds() {
+        let r = router();
+        let admin = |p: &str| Incoming::new("t/s/admin".into(), p.as_bytes().to_vec());
+        let publish = r#"{"id":"p1","op":"templates.publish","name":"polish"}"#;
+        match r.incoming(admin(publish), false) {
+            Route::Submit {
+                job: Job::Admin(p),
+                if_full: Some(e),
+                count: Some(Refusal::Command),
+            } => {
+                assert_eq!(p, publish.as_bytes());
+                assert_eq!(e.request_id.as_deref(), Some("p1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // the same command on cmd is a plain command: the station refuses it there
+        assert!(matches!(
+            r.incoming(cmd(publish), false),
+            Route::Submit {
+                job: Job::Command(_),
+                ..
+            }
+        ));
+        assert_eq!(code(&r.incoming(admin(publish), true)), Some("overloaded"));
+        let big = format!(r#"{{"id":"b","op":"x","name":"{}"}}"#, "x".repeat(200));
+        assert_eq!(code(&r.incoming(admin(&big), false)), Some("bad_command"));
+        assert_eq!(
+            r.incoming(admin(r#"{"id":"s","op":"status"}"#), false),
+            Route::Status
+        );
+    }
+
+    #[test]
     fn fleet_messages_are_installed_ignored_or_dropped() {
         let r = router();
         let fleet = |p: &[u8], size| Incoming {
@@ -288,7 +333,7 @@ mod tests {
             size,
         };
         assert!(matches!(
-            r.incoming(fleet(b"TKS1", 4), false),
+            r.incoming(fleet(b"TKS2", 4), false),
             Route::Submit {
                 job: Job::Fleet(_),
                 count: None,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::{Drops, EventQueue, StatusCounters};
-use super::fleet::FleetKeys;
+use super::fleet::Fleet;
 use super::journal;
 use super::protocol::{Event, Level, StationState, Status, TemplatesReply, is_status_request};
 use super::router::{Bounds, Job, Refusal, Route, Router};
@@ -88,7 +88,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let watchdog = Watchdog::resolve(cfg.station.watchdog_s)?;
     let parts = Parts::open(&cfg)?;
     let broker_port = parts.broker.as_ref().map(|b| b.port());
-    let (link, incoming) = connect(&cfg, broker_port, parts.fleet.local_only()).await?;
+    let (link, incoming) = connect(&cfg, broker_port, !parts.fleet.enabled()).await?;
     let station = Station::new(
         parts.engine,
         parts.store,
@@ -117,7 +117,7 @@ struct Parts {
     camera: Box<dyn FrameSource>,
     display: Option<Box<dyn Display + Send>>,
     broker: Option<EmbeddedBroker>,
-    fleet: FleetKeys,
+    fleet: Fleet,
 }
 
 impl Parts {
@@ -132,7 +132,7 @@ impl Parts {
             true => Some(EmbeddedBroker::start(cfg.mqtt.port).map_err(broker_err)?),
             false => None,
         };
-        let fleet = FleetKeys::from_config(&cfg.fleet)?;
+        let fleet = Fleet::open(cfg)?;
         Ok(Parts {
             engine,
             store,
@@ -184,8 +184,9 @@ fn mqtt_config(cfg: &Config, broker_port: Option<u16>) -> Result<MqttConfig> {
     Ok(mc)
 }
 
-/// Starts the link on the outbox and subscribes to the commands, and to the fleet's templates
-/// unless the station is local-only.
+/// Starts the link on the outbox and subscribes to the commands (cmd, and admin, which the
+/// broker's ACL should let only the operator write), and to the fleet's templates unless the
+/// station is local-only.
 async fn connect(
     cfg: &Config,
     broker_port: Option<u16>,
@@ -203,9 +204,11 @@ async fn connect(
     });
     let (link, incoming) =
         MqttLink::start_with_urgent(mc, Arc::new(outbox), urgent).map_err(link_err)?;
-    link.subscribe(&cmd, QoS::AtLeastOnce)
-        .await
-        .map_err(link_err)?;
+    for topic in [&cmd, &admin_topic(cfg)] {
+        link.subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .map_err(link_err)?;
+    }
     if !local_only {
         let fleet = format!("{}+", fleet_prefix(cfg));
         link.subscribe(&fleet, QoS::AtLeastOnce)
@@ -218,6 +221,11 @@ async fn connect(
 /// The link's packet limit: room for the largest command, and for fleet templates.
 fn link_limit(cfg: &Config) -> usize {
     cfg.station.max_payload_bytes.max(8 << 20) + 4096
+}
+
+/// `<prefix>/<id>/admin`: commands that only the operator may send (`templates.publish`).
+fn admin_topic(cfg: &Config) -> String {
+    format!("{}/admin", cfg.topic_root())
 }
 
 fn fleet_prefix(cfg: &Config) -> String {
@@ -311,6 +319,7 @@ fn work(
         shared.depth.fetch_sub(1, Ordering::Relaxed);
         let made = match job {
             Job::Command(p) => station.handle(&p),
+            Job::Admin(p) => station.handle_admin(&p),
             Job::Fleet(p) => station.install_fleet(&p),
             Job::Tick => station.capture_tick(),
         };
@@ -360,6 +369,7 @@ impl Service {
         let events = EventQueue::start(link.publisher(), format!("{root}/event"), drops.clone());
         let router = Router::new(Bounds {
             cmd_topic: format!("{root}/cmd"),
+            admin_topic: admin_topic(&cfg),
             fleet_prefix: fleet_prefix(&cfg),
             max_payload_bytes: cfg.station.max_payload_bytes,
             link_limit: link_limit(&cfg),
@@ -514,6 +524,7 @@ impl Service {
                         code,
                         message: e.to_string(),
                         request_id: None,
+                        request_ids: Vec::new(),
                     });
                 }
             }

@@ -2,12 +2,12 @@
 //! service (service.rs) feeds it from MQTT on a dedicated thread, because every op here may run
 //! seconds of CPU work that must not stall the async runtime.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::fleet::FleetKeys;
+use super::fleet::{Fleet, FleetError, Signed};
 use super::protocol::{
     ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, TemplateInfo, parse_command,
     request_id,
@@ -40,7 +40,7 @@ pub enum Outgoing {
         request_id: String,
         names: Vec<TemplateInfo>,
     },
-    /// A template learned or installed here, for the fleet topic.
+    /// A template signed by `templates.publish`, for the fleet topic (retained).
     Fleet {
         name: String,
         file: Vec<u8>,
@@ -70,11 +70,14 @@ struct Kept {
     meta: ResultMeta,
     before: RgbImage8,
     after: RgbImage8,
+    /// The generation of its template when it was made: its approval vouches for the fleet
+    /// only if the template has not changed since.
+    generation: u64,
 }
 
 pub struct Station {
     engine: Engine,
-    fleet: FleetKeys,
+    fleet: Fleet,
     store: TemplateStore,
     camera: Box<dyn FrameSource>,
     limits: ImageLimits,
@@ -85,6 +88,10 @@ pub struct Station {
     pending_next: Option<(String, String, bool)>,
     results: VecDeque<Kept>,
     seq: u64,
+    /// Per template name, the count of `changes` when it last changed (learned, installed,
+    /// deleted) in this process; a name not here has not changed since the start.
+    generations: HashMap<String, u64>,
+    changes: u64,
     pub counters: Counters,
 }
 
@@ -99,7 +106,18 @@ fn event(
         code: code.into(),
         message: message.into(),
         request_id: request_id.map(str::to_string),
+        request_ids: Vec::new(),
     })
+}
+
+/// The event of a fleet payload refused before its template is read.
+fn refusal(e: FleetError) -> (&'static str, String) {
+    let code = match e {
+        FleetError::Unversioned => "unversioned_template",
+        FleetError::Malformed(_) => "bad_template",
+        _ => "forged_template",
+    };
+    (code, format!("fleet template refused: {e}"))
 }
 
 fn now_ms() -> u64 {
@@ -115,7 +133,7 @@ impl Station {
         camera: Box<dyn FrameSource>,
         limits: ImageLimits,
         quality: QualityConfig,
-        fleet: FleetKeys,
+        fleet: Fleet,
     ) -> Self {
         Station {
             engine,
@@ -130,6 +148,8 @@ impl Station {
             pending_next: None,
             results: VecDeque::new(),
             seq: 0,
+            generations: HashMap::new(),
+            changes: 0,
             counters: Counters::default(),
         }
     }
@@ -147,8 +167,17 @@ impl Station {
         self.armed.is_some() || self.pending_next.is_some()
     }
 
-    /// Handles one command payload; never panics on any payload.
+    /// Handles one command payload from the cmd topic; never panics on any payload.
     pub fn handle(&mut self, payload: &[u8]) -> Vec<Outgoing> {
+        self.handle_from(payload, false)
+    }
+
+    /// Handles one command payload from the admin topic, which alone takes `templates.publish`.
+    pub fn handle_admin(&mut self, payload: &[u8]) -> Vec<Outgoing> {
+        self.handle_from(payload, true)
+    }
+
+    fn handle_from(&mut self, payload: &[u8], admin: bool) -> Vec<Outgoing> {
         self.counters.commands += 1;
         let cmd = match parse_command(payload) {
             Ok(c) => c,
@@ -163,7 +192,7 @@ impl Station {
             }
         };
         let id = cmd.id.clone();
-        match self.run(cmd) {
+        match self.run(cmd, admin) {
             Ok(out) => out,
             Err((code, msg)) => {
                 self.counters.errors += 1;
@@ -206,7 +235,210 @@ impl Station {
         Ok(t)
     }
 
-    fn run(&mut self, cmd: Command) -> Result<Vec<Outgoing>, (&'static str, String)> {
+    /// The pair to learn from: the images sent, or the last captures.
+    fn pair(
+        &self,
+        before_jpeg: Option<Vec<u8>>,
+        after_jpeg: Option<Vec<u8>>,
+    ) -> Result<(Frame, Frame), (&'static str, String)> {
+        let (before, after) = match (before_jpeg, after_jpeg) {
+            (Some(b), Some(a)) => (
+                self.decode("before_jpeg_b64", &b)?,
+                self.decode("after_jpeg_b64", &a)?,
+            ),
+            (None, None) => match (&self.last_before, &self.last_after) {
+                (Some(b), Some(a)) => (b.clone(), a.clone()),
+                _ => {
+                    return Err((
+                        "no_pair",
+                        "capture_before and capture_after first, or send both images".into(),
+                    ));
+                }
+            },
+            _ => {
+                return Err((
+                    "bad_command",
+                    "send both before_jpeg_b64 and after_jpeg_b64, or neither".into(),
+                ));
+            }
+        };
+        if (before.width, before.height) != (after.width, after.height) {
+            return Err((
+                "pair_size",
+                format!(
+                    "before is {}x{} but after is {}x{}",
+                    before.width, before.height, after.width, after.height
+                ),
+            ));
+        }
+        Ok((before, after))
+    }
+
+    fn save(&mut self, t: &Template) -> Result<(), (&'static str, String)> {
+        self.store
+            .save(t)
+            .map_err(|e| ("store_failed", e.to_string()))
+    }
+
+    /// Learns and stores a template. It stays on this station: only `templates.publish`, after
+    /// an approval, shares it with the fleet.
+    fn learn(
+        &mut self,
+        name: &str,
+        before_jpeg: Option<Vec<u8>>,
+        after_jpeg: Option<Vec<u8>>,
+        id: &str,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let name = Self::name(name)?;
+        let pair = self.pair(before_jpeg, after_jpeg)?;
+        let t = Template::learn(&self.engine, name.clone(), &[pair], LearnOptions::default())
+            .map_err(|e| ("learn_failed", e.to_string()))?;
+        self.save(&t)?;
+        let mut out = vec![event(
+            Level::Info,
+            "learned",
+            format!("learned {name}: {}", t.card.validation_summary()),
+            Some(id),
+        )];
+        if t.card.registration.iter().any(|r| !r.registered) {
+            out.push(event(
+                Level::Warning,
+                "unregistered",
+                format!("{name}: the after shot does not register onto the before shot (moved too far, or another scene); it was not fitted pixel-wise and its results need review"),
+                Some(id),
+            ));
+        }
+        out.extend(self.changed(name.as_str()));
+        Ok(out)
+    }
+
+    fn generation(&self, name: &str) -> u64 {
+        self.generations.get(name).copied().unwrap_or(0)
+    }
+
+    /// The template under `name` changed: results made with the old one no longer count as
+    /// its approvals. A warning when that cannot be recorded on disk.
+    fn changed(&mut self, name: &str) -> Option<Outgoing> {
+        self.changes += 1;
+        self.generations.insert(name.to_string(), self.changes);
+        let e = self.fleet.changed(name).err()?;
+        self.counters.errors += 1;
+        Some(event(
+            Level::Warning,
+            "store_failed",
+            format!(
+                "{name}: the reset of its approvals was not stored ({e}); approve anew before templates.publish"
+            ),
+            None,
+        ))
+    }
+
+    /// An approved result counts for `templates.publish` while its template is the one stored.
+    fn count_approval(&mut self, template: &str, generation: u64) -> Option<Outgoing> {
+        if self.generation(template) != generation {
+            return None;
+        }
+        let e = self.fleet.approved(template).err()?;
+        self.counters.errors += 1;
+        Some(event(
+            Level::Warning,
+            "store_failed",
+            format!(
+                "the approval of a {template} result was not stored for templates.publish: {e}"
+            ),
+            None,
+        ))
+    }
+
+    fn check_model(&self, t: &Template) -> Result<(), (&'static str, String)> {
+        if t.model_hash == self.engine.models.hash {
+            return Ok(());
+        }
+        Err((
+            "wrong_model",
+            format!(
+                "template {} is for model {}, this station runs {}; not installed",
+                t.name, t.model_hash, self.engine.models.hash
+            ),
+        ))
+    }
+
+    /// `templates.install`: a template file on a local-only station; on a fleet station only a
+    /// signed payload, under the version rule of the fleet topic.
+    fn install_command(
+        &mut self,
+        payload: &[u8],
+        id: &str,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        if self.fleet.enabled() {
+            let signed = self.fleet.verify(payload).map_err(refusal)?;
+            return self.install_signed(signed, Some(id));
+        }
+        let t = Template::from_bytes(payload).map_err(|e| ("bad_template", e.to_string()))?;
+        self.check_model(&t)?;
+        self.save(&t)?;
+        let mut out = vec![event(
+            Level::Info,
+            "installed",
+            format!("installed {}", t.name),
+            Some(id),
+        )];
+        out.extend(self.changed(t.name.as_str()));
+        Ok(out)
+    }
+
+    /// `templates.publish`: the named template, signed as its next fleet version, for the fleet
+    /// topic; only from the admin topic, with the signing key, after an approval here.
+    fn publish(
+        &mut self,
+        name: &str,
+        admin: bool,
+        id: &str,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        if !admin {
+            let topic = self.fleet.admin_topic();
+            return Err((
+                "admin_only",
+                format!(
+                    "templates.publish is taken only on {topic}, which only the operator's account may write; refused on cmd"
+                ),
+            ));
+        }
+        if !self.fleet.can_sign() {
+            return Err((
+                "no_signing_key",
+                format!(
+                    "templates.publish {name}: this station holds no fleet signing key ([fleet] enabled with public_key and signing_key_file); nothing published"
+                ),
+            ));
+        }
+        let t = self.load(name)?;
+        if self.fleet.held(name).approvals == 0 {
+            return Err((
+                "not_approved",
+                format!(
+                    "template {name} has no approved result on this station since it was last learned or installed: approve one of its results first"
+                ),
+            ));
+        }
+        let file = t.encode().map_err(|e| ("store_failed", e.to_string()))?;
+        let (version, signed) = self
+            .fleet
+            .sign_next(name, &file)
+            .map_err(|e| ("store_failed", format!("{name} not published: {e}")))?;
+        let signer = self.fleet.signer();
+        let message =
+            format!("published {name} version {version} to the fleet, signed by {signer}");
+        Ok(vec![
+            Outgoing::Fleet {
+                name: name.to_string(),
+                file: signed,
+            },
+            event(Level::Info, "published", message, Some(id)),
+        ])
+    }
+
+    fn run(&mut self, cmd: Command, admin: bool) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let id = cmd.id;
         match cmd.op {
             Op::Trigger => {
@@ -240,73 +472,7 @@ impl Station {
                 name,
                 before_jpeg,
                 after_jpeg,
-            } => {
-                let name = Self::name(&name)?;
-                let (before, after) = match (before_jpeg, after_jpeg) {
-                    (Some(b), Some(a)) => (
-                        self.decode("before_jpeg_b64", &b)?,
-                        self.decode("after_jpeg_b64", &a)?,
-                    ),
-                    (None, None) => match (&self.last_before, &self.last_after) {
-                        (Some(b), Some(a)) => (b.clone(), a.clone()),
-                        _ => {
-                            return Err((
-                                "no_pair",
-                                "capture_before and capture_after first, or send both images"
-                                    .into(),
-                            ));
-                        }
-                    },
-                    _ => {
-                        return Err((
-                            "bad_command",
-                            "send both before_jpeg_b64 and after_jpeg_b64, or neither".into(),
-                        ));
-                    }
-                };
-                if (before.width, before.height) != (after.width, after.height) {
-                    return Err((
-                        "pair_size",
-                        format!(
-                            "before is {}x{} but after is {}x{}",
-                            before.width, before.height, after.width, after.height
-                        ),
-                    ));
-                }
-                let t = Template::learn(
-                    &self.engine,
-                    name.clone(),
-                    &[(before, after)],
-                    LearnOptions::default(),
-                )
-                .map_err(|e| ("learn_failed", e.to_string()))?;
-                self.store
-                    .save(&t)
-                    .map_err(|e| ("store_failed", e.to_string()))?;
-                let file = t.encode().map_err(|e| ("store_failed", e.to_string()))?;
-                let mut out = vec![event(
-                    Level::Info,
-                    "learned",
-                    format!("learned {name}: {}", t.card.validation_summary()),
-                    Some(&id),
-                )];
-                if t.card.registration.iter().any(|r| !r.registered) {
-                    out.push(event(
-                        Level::Warning,
-                        "unregistered",
-                        format!("{name}: the after shot does not register onto the before shot (moved too far, or another scene); it was not fitted pixel-wise and its results need review"),
-                        Some(&id),
-                    ));
-                }
-                // shared with the fleet only when this station can sign it
-                if let Some(signed) = self.fleet.sign(&file) {
-                    out.push(Outgoing::Fleet {
-                        name: name.to_string(),
-                        file: signed,
-                    });
-                }
-                Ok(out)
-            }
+            } => self.learn(&name, before_jpeg, after_jpeg, &id),
             Op::Apply {
                 template,
                 mode,
@@ -374,39 +540,17 @@ impl Station {
                 if self.armed.as_ref().is_some_and(|a| a.0 == name) {
                     self.armed = None;
                 }
-                Ok(vec![event(
+                let mut out = vec![event(
                     Level::Info,
                     "deleted",
                     format!("deleted {name}"),
                     Some(&id),
-                )])
+                )];
+                out.extend(self.changed(&name));
+                Ok(out)
             }
-            Op::TemplatesInstall { template } => {
-                // with a fleet key, installed templates must be signed like fleet ones
-                let file = if self.fleet.local_only() {
-                    &template[..]
-                } else {
-                    self.fleet
-                        .verify(&template)
-                        .map_err(|e| ("forged_template", e.to_string()))?
-                };
-                let t = Template::from_bytes(file).map_err(|e| ("bad_template", e.to_string()))?;
-                if t.model_hash != self.engine.models.hash {
-                    return Err((
-                        "wrong_model",
-                        format!("template {} is for model {}", t.name, t.model_hash),
-                    ));
-                }
-                self.store
-                    .save(&t)
-                    .map_err(|e| ("store_failed", e.to_string()))?;
-                Ok(vec![event(
-                    Level::Info,
-                    "installed",
-                    format!("installed {}", t.name),
-                    Some(&id),
-                )])
-            }
+            Op::TemplatesInstall { template } => self.install_command(&template, &id),
+            Op::TemplatesPublish { name } => self.publish(&name, admin, &id),
             Op::Status => Ok(vec![Outgoing::Status]),
         }
     }
@@ -438,14 +582,16 @@ impl Station {
         }
         kept.meta.state = state;
         let meta = kept.meta.clone();
+        let generation = kept.generation;
         let mut out = vec![Outgoing::State { meta: meta.clone() }];
         if state == ResultState::Approved {
             self.counters.approved += 1;
             out.push(Outgoing::Approved {
-                meta,
+                meta: meta.clone(),
                 before: kept.before.clone(),
                 after: kept.after.clone(),
             });
+            out.extend(self.count_approval(&meta.template, generation));
         } else {
             self.counters.rejected += 1;
         }
@@ -493,61 +639,96 @@ impl Station {
             meta: meta.clone(),
             before: RgbImage8::downscaled(&frame, KEPT_WIDTH),
             after: RgbImage8::downscaled(&out, KEPT_WIDTH),
+            generation: self.generation(template),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
     }
 
-    /// A template from the fleet topic: installed when it is for this station's model and new.
+    /// A template from the fleet topic; a refusal is a warning (no request of this station's
+    /// brought it).
     pub fn install_fleet(&mut self, payload: &[u8]) -> Vec<Outgoing> {
-        let file = match self.fleet.verify(payload) {
-            Ok(f) => f,
-            Err(e) => {
-                self.counters.errors += 1;
-                return vec![event(
-                    Level::Warning,
-                    "forged_template",
-                    format!("fleet template refused: {e}"),
-                    None,
-                )];
-            }
-        };
-        let t = match Template::from_bytes(file) {
-            Ok(t) => t,
-            Err(e) => {
-                return vec![event(
-                    Level::Warning,
-                    "bad_template",
-                    format!("fleet template refused: {e}"),
-                    None,
-                )];
-            }
-        };
-        if t.model_hash != self.engine.models.hash {
-            return vec![event(
-                Level::Warning,
-                "wrong_model",
+        let res = self
+            .fleet
+            .verify(payload)
+            .map_err(refusal)
+            .and_then(|s| self.install_signed(s, None));
+        res.unwrap_or_else(|(code, msg)| {
+            self.counters.errors += 1;
+            vec![event(Level::Warning, code, msg, None)]
+        })
+    }
+
+    /// A verified fleet template: installed when it is for this station's model and newer than
+    /// the version held for its name. `request`: the `templates.install` that brought it.
+    fn install_signed(
+        &mut self,
+        s: Signed<'_>,
+        request: Option<&str>,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let t = Template::from_bytes(s.file)
+            .map_err(|e| ("bad_template", format!("fleet template refused: {e}")))?;
+        self.check_model(&t)?;
+        let name = t.name.to_string();
+        let held = self.fleet.held(&name);
+        let from = format!("version {} from {}", s.version, s.signer);
+        if s.version == held.version && held.signer.as_deref() == Some(s.signer) {
+            // the version held, again: its retained message after a reconnect or a restart
+            let again = format!("{name} {from} is already installed");
+            return Ok(request
+                .map(|id| event(Level::Info, "installed", again, Some(id)))
+                .into_iter()
+                .collect());
+        }
+        if s.version <= held.version {
+            let by = held
+                .signer
+                .map(|s| format!(" from {s}"))
+                .unwrap_or_default();
+            return Err((
+                "stale_template",
                 format!(
-                    "fleet template {} is for model {}, not installed",
-                    t.name, t.model_hash
+                    "fleet template {name} {from} refused: this station holds version {}{by}, and only a newer version replaces it (an old message replayed?)",
+                    held.version
                 ),
-                None,
-            )];
+            ));
         }
-        if self.store.load(&t.name).is_ok_and(|old| old == t) {
-            return vec![];
+        self.save(&t)?;
+        let mut out = vec![event(
+            Level::Info,
+            "installed",
+            format!("installed fleet template {name} {from}"),
+            request,
+        )];
+        out.extend(self.installed(&name, held.version, &s, request));
+        Ok(out)
+    }
+
+    /// After a fleet template is stored: its version recorded, approvals of the old one
+    /// forgotten, and an armed template's replacement said.
+    fn installed(
+        &mut self,
+        name: &str,
+        old: u64,
+        s: &Signed<'_>,
+        request: Option<&str>,
+    ) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        self.changes += 1;
+        self.generations.insert(name.to_string(), self.changes);
+        if let Err(e) = self.fleet.installed(name, s.version, s.signer) {
+            self.counters.errors += 1;
+            let message = format!("{name} installed, but its fleet version was not stored: {e}");
+            out.push(event(Level::Error, "store_failed", message, request));
         }
-        match self.store.save(&t) {
-            Ok(()) => vec![event(
-                Level::Info,
-                "installed",
-                format!("installed fleet template {}", t.name),
-                None,
-            )],
-            Err(e) => {
-                self.counters.errors += 1;
-                vec![event(Level::Error, "store_failed", e.to_string(), None)]
-            }
+        if self.armed() == Some(name) {
+            out.push(event(
+                Level::Warning,
+                "armed_template_replaced",
+                format!("armed template {name} replaced: version {old} -> {} from {}; the next capture applies version {}", s.version, s.signer, s.version),
+                request,
+            ));
         }
+        out
     }
 
     /// One capture for whoever waits for it (the armed template, or one `apply` of mode next).
@@ -601,7 +782,7 @@ mod tests {
             Box::new(Still),
             ImageLimits::default(),
             QualityConfig::default(),
-            FleetKeys::default(),
+            Fleet::local_only("s", "t/s/admin"),
         )
     }
 
@@ -641,5 +822,23 @@ mod tests {
         assert!(s.capture_tick().is_empty(), "nothing waits for a capture");
         let c = &s.counters;
         assert_eq!((c.commands, c.captures, c.errors), (9, 1, 5));
+    }
+
+    #[test]
+    fn publish_is_taken_only_on_admin_and_only_with_the_signing_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = station(dir.path());
+        let publish = br#"{"id":"p","op":"templates.publish","name":"polish"}"#;
+        let out = s.handle(publish);
+        assert_eq!(effects(&out), ["admin_only"]);
+        match &out[0] {
+            Outgoing::Event(e) => assert!(e.message.contains("t/s/admin"), "{}", e.message),
+            _ => unreachable!(),
+        }
+        assert_eq!(effects(&s.handle_admin(publish)), ["no_signing_key"]);
+        // admin takes the other commands too
+        let list = br#"{"id":"L","op":"templates.list"}"#;
+        assert_eq!(effects(&s.handle_admin(list)), ["templates 0"]);
+        assert!(!dir.path().join(super::super::fleet::STATE_FILE).exists());
     }
 }

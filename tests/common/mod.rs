@@ -5,6 +5,40 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A station config on `dir`, camera = a folder holding the sample pair (before, then after),
+/// talking to a broker on `port`: what every station test starts from.
+pub fn station_config(dir: &Path, id: &str, port: u16) -> takumi::config::Config {
+    let cam = dir.join(format!("cam-{id}"));
+    std::fs::create_dir_all(&cam).unwrap();
+    std::fs::copy(samples().join("pair_before.jpg"), cam.join("0_before.jpg")).unwrap();
+    std::fs::copy(samples().join("pair_after.jpg"), cam.join("1_after.jpg")).unwrap();
+    let mut cfg = takumi::config::Config::default();
+    cfg.engine.models = models();
+    cfg.engine.threads = 2;
+    cfg.store.dir = dir.join(format!("store-{id}"));
+    cfg.outbox.dir = dir.join(format!("outbox-{id}"));
+    cfg.station.id = id.into();
+    cfg.station.max_payload_bytes = 1 << 20;
+    cfg.camera = takumi::capture::SourceConfig::Dir {
+        path: cam,
+        looping: true,
+    };
+    cfg.mqtt.port = port;
+    cfg
+}
+
+pub fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The fleet's public key (base64) for the signing key made from `seed`.
+pub fn fleet_public(seed: [u8; 32]) -> String {
+    b64(ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .as_bytes())
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -229,4 +263,50 @@ pub fn mosquitto() -> Option<Mosquitto> {
 /// size limit).
 pub fn mosquitto_with(extra: &str) -> Option<Mosquitto> {
     Mosquitto::start(free_port(), false, extra)
+}
+
+/// `mosquitto_passwd`, when installed (it comes with mosquitto); None (the test skips, saying
+/// so) otherwise, except under CI=true, where .ci/run installs it.
+pub fn mosquitto_passwd() -> Option<PathBuf> {
+    let found = mosquitto_bin()
+        .and_then(|m| Some(m.parent()?.parent()?.to_path_buf()))
+        .into_iter()
+        .chain(
+            std::env::var_os("PATH")
+                .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
+        .flat_map(|d| [d.join("mosquitto_passwd"), d.join("bin/mosquitto_passwd")])
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mosquitto_passwd is not installed, and CI=true: .ci/run must install mosquitto"
+        );
+        eprintln!("SKIPPED: mosquitto_passwd is not installed (apt-get install mosquitto)");
+    }
+    found
+}
+
+impl Mosquitto {
+    /// mosquitto on a free port that takes no anonymous client: `conf` names its password and
+    /// ACL files (`start` allows anonymous clients, which a test of the ACL must not).
+    pub fn start_secured(conf: &str) -> Option<Mosquitto> {
+        let bin = mosquitto_bin().filter(|_| have_mosquitto())?;
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nmax_packet_size 16777216\n{conf}\nallow_anonymous false\n\
+             persistence false\nuser root\nlog_dest stderr\nlog_type all\n"
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto {
+            port,
+            bin,
+            dir,
+            child: None,
+        };
+        m.spawn();
+        Some(m)
+    }
 }
