@@ -5,18 +5,20 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::capture::load_image;
+use crate::capture::{Image, read_image};
 use crate::config::Config;
 use crate::engine::Engine;
-use crate::publish::file::{Batch, ImageKind, PendingFile, encode};
+use crate::publish::file::{Batch, ImageKind, PendingFile, encode_image, lost_in};
 use crate::store::Template;
 use crate::{Error, Frame, Result};
 
-/// What one call of [`render`] made: the batch to commit and a line per input to print once
-/// it is in place.
+/// What one call of [`render`] made: the batch to commit, a line per input to print once it is
+/// in place, and a warning per output that lost what its input had (a JPEG keeps no alpha and
+/// no 16 bits).
 pub struct Rendered {
     pub batch: Batch,
     pub lines: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// One direction of one template, as `apply` runs it.
@@ -27,9 +29,10 @@ pub struct Job<'a> {
     pub reverse: bool,
 }
 
-/// How an input went: made, or unreadable (it could not be decoded).
+/// How an input went: made (with its line and any warning), or unreadable (it could not be
+/// decoded).
 enum Step {
-    Made(PendingFile, String),
+    Made(PendingFile, String, Option<String>),
     Unreadable(Error),
 }
 
@@ -45,14 +48,16 @@ pub fn render(
 ) -> Result<Rendered> {
     let mut batch = Batch::default();
     let mut lines = Vec::with_capacity(files.len());
+    let mut warnings = Vec::new();
     let mut unreadable = Vec::new();
     let mut other: Option<Error> = None;
     for (i, o) in files {
         let failed = !unreadable.is_empty() || other.is_some();
         match step(job, i, o, failed) {
-            Ok(Some(Step::Made(f, line))) => {
+            Ok(Some(Step::Made(f, line, warning))) => {
                 batch.push(f);
                 lines.push(line);
+                warnings.extend(warning);
             }
             Ok(Some(Step::Unreadable(e))) => unreadable.push(e),
             Ok(None) => {}
@@ -63,33 +68,55 @@ pub fn render(
     if let Some(e) = failures(files.len(), unreadable).or(other) {
         return Err(e);
     }
-    Ok(Rendered { batch, lines })
+    Ok(Rendered {
+        batch,
+        lines,
+        warnings,
+    })
 }
 
 /// Decodes one input, and unless an earlier input `failed`, applies, encodes and writes it.
 fn step(job: &Job, input: &Path, output: &Path, failed: bool) -> Result<Option<Step>> {
-    let frame = match load_image(input, &job.cfg.limits) {
-        Ok(frame) => frame,
+    let img = match read_image(input, &job.cfg.limits) {
+        Ok(img) => img,
         Err(e) => return Ok(Some(Step::Unreadable(e))),
     };
     if failed {
         return Ok(None);
     }
-    let made = make(job, input, output, &frame)?;
-    Ok(Some(Step::Made(made, line(job, input, output, &frame))))
+    let kind = ImageKind::from_path(output).unwrap_or(ImageKind::Png);
+    let warning = lost_in(&img, kind).map(|lost| {
+        let it = if lost.contains(" and ") { "them" } else { "it" };
+        format!(
+            "warning: {}: written without the {lost} of {}, which JPEG cannot hold (a .png \
+             output keeps {it})",
+            output.display(),
+            input.display()
+        )
+    });
+    let line = line(job, input, output, &img.frame);
+    let made = make(job, input, output, img, kind)?;
+    Ok(Some(Step::Made(made, line, warning)))
 }
 
-fn make(job: &Job, input: &Path, output: &Path, frame: &Frame) -> Result<PendingFile> {
+/// The edit applies to the colours; the alpha and depth go to the output as they came.
+fn make(
+    job: &Job,
+    input: &Path,
+    output: &Path,
+    img: Image,
+    kind: ImageKind,
+) -> Result<PendingFile> {
     // errors that are not about a file say which input they came from
-    let out = job
+    let frame = job
         .eng
-        .apply_edit(job.template.edit(job.reverse), frame)
+        .apply_edit(job.template.edit(job.reverse), &img.frame)
         .map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("{}: {m}", input.display())),
             other => other,
         })?;
-    let kind = ImageKind::from_path(output).unwrap_or(ImageKind::Png);
-    PendingFile::write(output, &encode(&out, kind)?)
+    let out = Image { frame, ..img };
+    PendingFile::write(output, &encode_image(&out, kind)?)
 }
 
 /// The line printed for a made output: its quality-gate score, flagged when it needs review.

@@ -33,11 +33,28 @@ impl Frame {
     }
 
     pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Self {
+        Frame::from_interleaved(width, height, rgb, 3)
+    }
+
+    /// From 16-bit RGB, straight to f32: a 16-bit file keeps its 65,536 levels.
+    pub fn from_rgb16(width: usize, height: usize, rgb: &[u16]) -> Self {
+        Frame::from_interleaved(width, height, rgb, 3)
+    }
+
+    /// From interleaved 8- or 16-bit samples, `channels` (3 or 4) per pixel, of which the first
+    /// three are RGB; a fourth (alpha) is the caller's to keep.
+    pub fn from_interleaved<T: Sample>(
+        width: usize,
+        height: usize,
+        px: &[T],
+        channels: usize,
+    ) -> Self {
         let n = width * height;
         let mut data = vec![0.0; 3 * n];
-        for (i, px) in rgb.chunks_exact(3).take(n).enumerate() {
+        for (i, px) in px.chunks_exact(channels).take(n).enumerate() {
             for c in 0..3 {
-                data[c * n + i] = px[c] as f32 / 255.0;
+                // a division, not a multiplication by 1/MAX: the same bits as ever for 8-bit
+                data[c * n + i] = px[c].to_f32() / T::MAX;
             }
         }
         Frame {
@@ -58,7 +75,19 @@ impl Frame {
         out
     }
 
-    /// Rounds through 8 bits, as a written PNG would.
+    /// 16-bit RGB, row-major interleaved: what a 16-bit PNG is written from.
+    pub fn to_rgb16(&self) -> Vec<u16> {
+        let n = self.width * self.height;
+        let mut out = vec![0u16; 3 * n];
+        for i in 0..n {
+            for c in 0..3 {
+                out[3 * i + c] = (self.data[c * n + i].clamp(0.0, 1.0) * 65535.0).round() as u16;
+            }
+        }
+        out
+    }
+
+    /// Rounds through 8 bits, as a written 8-bit PNG would.
     pub fn quantised(&self) -> Self {
         Frame::from_rgb8(self.width, self.height, &self.to_rgb8())
     }
@@ -88,6 +117,27 @@ impl Frame {
             }
         }
         out
+    }
+}
+
+/// An 8- or 16-bit sample of an image file, as the frame reads it.
+pub trait Sample: Copy {
+    /// The sample's full scale, which maps to 1.0.
+    const MAX: f32;
+    fn to_f32(self) -> f32;
+}
+
+impl Sample for u8 {
+    const MAX: f32 = 255.0;
+    fn to_f32(self) -> f32 {
+        f32::from(self)
+    }
+}
+
+impl Sample for u16 {
+    const MAX: f32 = 65535.0;
+    fn to_f32(self) -> f32 {
+        f32::from(self)
     }
 }
 

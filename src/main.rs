@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use takumi::Error;
-use takumi::capture::load_image;
+use takumi::capture::load_for_learn;
 use takumi::config::Config;
 use takumi::engine::{Engine, LearnOptions, Precision, Prior};
 use takumi::publish::file::ImageKind;
@@ -45,6 +45,10 @@ enum PriorArg {
 #[derive(Subcommand)]
 enum Cmd {
     /// Learn a template from one or more before/after pairs of the same edit.
+    ///
+    /// Images of any size up to 200 MB of pixels (an 8000x6000 photo takes 144 MB) are taken;
+    /// those over about 3 megapixels are downscaled to it first, and the template records both
+    /// sizes.
     Learn {
         #[arg(long = "before", required = true)]
         before: Vec<PathBuf>,
@@ -61,11 +65,17 @@ enum Cmd {
         no_fit: bool,
     },
     /// Apply a template to an image or to every image in a folder.
+    ///
+    /// Inputs are turned upright as their EXIF orientation says. A PNG output keeps the input's
+    /// alpha channel and 16-bit depth; a JPEG output is 8-bit RGB, without alpha (a warning
+    /// says so).
     Apply {
         #[arg(long)]
         template: String,
+        /// A PNG or JPEG, or a folder of them.
         #[arg(long)]
         input: PathBuf,
+        /// .png (keeps alpha and 16-bit) or .jpg/.jpeg (8-bit RGB); a folder for a folder.
         #[arg(long)]
         output: PathBuf,
         /// Undo the edit (the negated template, as in LoRA Reverse).
@@ -249,27 +259,16 @@ fn learn(
         );
     }
     let store = TemplateStore::open(&cfg.store.dir)?;
-    let mut pairs = Vec::new();
-    for (b, a) in before.iter().zip(after) {
-        let fb = load_image(b, &cfg.limits)?;
-        let fa = load_image(a, &cfg.limits)?;
-        if (fb.width, fb.height) != (fa.width, fa.height) {
-            return Err(Error::PairSize {
-                before: b.clone(),
-                after: a.clone(),
-                bw: fb.width,
-                bh: fb.height,
-                aw: fa.width,
-                ah: fa.height,
-            }
-            .into());
-        }
-        pairs.push((fb, fa));
-    }
+    let (pairs, originals) = read_pairs(cfg, before, after)?;
     let eng = engine(cfg)?;
     let t0 = std::time::Instant::now();
-    let t = Template::learn(&eng, name.clone(), &pairs, opts)?;
+    let mut t = Template::learn(&eng, name.clone(), &pairs, opts)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
+    for (s, [w, h]) in t.sources.iter_mut().zip(originals) {
+        if (s.width, s.height) != (w, h) {
+            s.downscaled_from = Some([w, h]);
+        }
+    }
     store.save(&t)?;
     let c = &t.card;
     println!(
@@ -281,6 +280,11 @@ fn learn(
         c.saturation,
         c.sharpness
     );
+    for (i, s) in t.sources.iter().enumerate() {
+        if s.downscaled_from.is_some() {
+            println!("pair {i} learned at {}", s.size_text());
+        }
+    }
     for (i, r) in c
         .registration
         .iter()
@@ -294,6 +298,40 @@ fn learn(
         );
     }
     Ok(())
+}
+
+/// Before/after frames as learn takes them.
+type Pairs = Vec<(takumi::Frame, takumi::Frame)>;
+
+/// The pairs as learn works on them (each image upright, and downscaled where it is larger than
+/// learn works at), with the files' own sizes. One image at full size is held at a time.
+fn read_pairs(
+    cfg: &Config,
+    before: &[PathBuf],
+    after: &[PathBuf],
+) -> anyhow::Result<(Pairs, Vec<[u32; 2]>)> {
+    let max_px = Engine::learn_max_px(before.len());
+    let (mut pairs, mut originals) = (Vec::new(), Vec::new());
+    for (b, a) in before.iter().zip(after) {
+        let sb = load_for_learn(b, &cfg.limits, max_px)?;
+        let sa = load_for_learn(a, &cfg.limits, max_px)?;
+        // compared at the files' sizes: those are what the user can see and fix
+        let ((bw, bh), (aw, ah)) = (sb.original, sa.original);
+        if (bw, bh) != (aw, ah) {
+            return Err(Error::PairSize {
+                before: b.clone(),
+                after: a.clone(),
+                bw: bw as usize,
+                bh: bh as usize,
+                aw: aw as usize,
+                ah: ah as usize,
+            }
+            .into());
+        }
+        originals.push([bw, bh]);
+        pairs.push((sb.frame, sa.frame));
+    }
+    Ok((pairs, originals))
 }
 
 fn is_image(p: &Path) -> bool {
@@ -339,12 +377,13 @@ fn apply(
     let bar = progress_bar(jobs.len());
     let lines = takumi::apply::render(&job, &jobs, || bar.inc(1)).and_then(|r| {
         r.batch.commit()?;
-        Ok(r.lines)
+        Ok((r.lines, r.warnings))
     });
     bar.finish_and_clear();
     match lines {
-        Ok(lines) => {
+        Ok((lines, warnings)) => {
             lines.iter().for_each(|l| println!("{l}"));
+            warnings.iter().for_each(|w| eprintln!("{w}"));
             // a failure's summary is its one error line, which counts the failed inputs
             eprintln!("{}", summary(jobs.len(), t0.elapsed()));
             Ok(())
@@ -446,9 +485,8 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
             println!("created      {} (unix)", t.created_unix);
             for (i, s) in t.sources.iter().enumerate() {
                 println!(
-                    "pair {i}       {}x{} before {} after {}",
-                    s.width,
-                    s.height,
+                    "pair {i}       {} before {} after {}",
+                    s.size_text(),
                     // by characters: a crafted file may hold any UTF-8 there
                     s.before_blake3.chars().take(16).collect::<String>(),
                     s.after_blake3.chars().take(16).collect::<String>()

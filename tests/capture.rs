@@ -722,3 +722,105 @@ fn a_ragged_png_palette_is_refused_not_panicked_on() {
         .to_string();
     assert!(err.contains("palette"), "{err}");
 }
+
+fn png_bytes(img: &image::DynamicImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// What a PNG holds besides RGB comes back out of `encode_image` as it went in: 8-bit alpha,
+/// 16-bit samples (exactly: the frame's f32 holds every 16-bit level), and both; a JPEG names
+/// what it drops.
+#[test]
+fn alpha_and_16_bits_survive_a_read_and_a_png_write() {
+    use takumi::capture::file::{Depth, decode};
+    use takumi::publish::file::{ImageKind, encode_image, lost_in};
+    let (w, h) = (80u32, 64u32);
+    let rgba8 = image::DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| {
+        image::Rgba([x as u8 * 3, y as u8 * 4, 200, (x + y) as u8])
+    }));
+    let rgb16 = image::DynamicImage::ImageRgb16(image::ImageBuffer::from_fn(w, h, |x, y| {
+        image::Rgb([
+            (x * 800 + y) as u16,
+            (y * 1000 + 7) as u16,
+            65535 - x as u16,
+        ])
+    }));
+    let rgba16 = image::DynamicImage::ImageRgba16(image::ImageBuffer::from_fn(w, h, |x, y| {
+        image::Rgba([(x * 811) as u16, 3, (y * 997) as u16, (x * y * 13) as u16])
+    }));
+    for (img, depth, alpha) in [
+        (&rgba8, Depth::Eight, true),
+        (&rgb16, Depth::Sixteen, false),
+        (&rgba16, Depth::Sixteen, true),
+    ] {
+        let read = decode(&png_bytes(img), &ImageLimits::default()).unwrap();
+        assert_eq!(
+            (read.depth, read.alpha.is_some()),
+            (depth, alpha),
+            "{:?}",
+            img.color()
+        );
+        let back = image::load_from_memory(&encode_image(&read, ImageKind::Png).unwrap()).unwrap();
+        assert_eq!(back.color(), img.color());
+        assert_eq!(back.as_bytes(), img.as_bytes(), "{:?}", img.color());
+        let lost = lost_in(&read, ImageKind::Jpeg).unwrap_or_default();
+        assert_eq!(lost.contains("alpha"), alpha, "{lost}");
+        assert_eq!(lost.contains("16-bit"), depth == Depth::Sixteen, "{lost}");
+        assert_eq!(lost_in(&read, ImageKind::Png), None);
+    }
+}
+
+/// `learn` reads an image of any size its pixels fit, downscaled by area to the pixels asked
+/// for and keeping the file's size; one whose pixels would not fit is refused before decoding.
+#[test]
+fn learn_reads_large_images_downscaled_and_refuses_what_it_cannot_hold() {
+    use takumi::capture::file::decode_scaled;
+    let big = image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(4000, 400, |x, _| {
+        // stripes 2 px wide: an area average gives their mean, grey
+        let v = if x % 4 < 2 { 255 } else { 0 };
+        image::Rgb([v, v, v])
+    }));
+    let s = decode_scaled(&png_bytes(&big), &ImageLimits::default(), 1000 * 100).unwrap();
+    assert_eq!(s.original, (4000, 400));
+    assert_eq!((s.frame.width, s.frame.height), (1000, 100));
+    let mean = s.frame.data.iter().sum::<f32>() / s.frame.data.len() as f32;
+    let spread = s
+        .frame
+        .data
+        .iter()
+        .map(|v| (v - mean).abs())
+        .fold(0.0, f32::max);
+    assert!(
+        (mean - 0.5).abs() < 0.01 && spread < 0.01,
+        "{mean} {spread}"
+    );
+
+    // 20000 x 20000 RGBA at 16 bits is 3 GB of pixels: refused from its header, before the
+    // (empty) image data
+    let chunk = |body: Vec<u8>| {
+        let mut c = u32::try_from(body.len() - 4)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        c.extend(&body);
+        c.extend(crc32fast::hash(&body).to_be_bytes());
+        c
+    };
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(20_000u32.to_be_bytes());
+    ihdr.extend(20_000u32.to_be_bytes());
+    ihdr.extend([16, 6, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(ihdr));
+    png.extend(chunk(b"IDAT".to_vec()));
+    png.extend(chunk(b"IEND".to_vec()));
+    let err = decode_scaled(&png, &ImageLimits::default(), 1 << 20)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("20000x20000") && err.contains("200 MB"),
+        "{err}"
+    );
+}

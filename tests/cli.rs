@@ -552,3 +552,178 @@ fn missing_models_are_one_error_naming_how_to_point_at_them() {
         assert!(err.contains(want), "{want} not in: {err}");
     }
 }
+
+/// `jpeg` with an APP1 Exif segment right after its start marker, holding one tag: orientation
+/// `o` (6: a viewer turns the stored image a quarter turn clockwise, as phones tag portraits).
+fn with_orientation(jpeg: &[u8], o: u16) -> Vec<u8> {
+    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08".to_vec(); // big-endian TIFF, first IFD at 8
+    exif.extend(1u16.to_be_bytes()); // one entry
+    exif.extend(0x0112u16.to_be_bytes()); // Orientation
+    exif.extend(3u16.to_be_bytes()); // SHORT
+    exif.extend(1u32.to_be_bytes()); // one value
+    exif.extend(o.to_be_bytes());
+    exif.extend([0, 0, 0, 0, 0, 0]); // the value's padding, then no next IFD
+    let mut out = jpeg[..2].to_vec();
+    out.extend([0xff, 0xe1]);
+    out.extend(u16::try_from(exif.len() + 2).unwrap().to_be_bytes());
+    out.extend(exif);
+    out.extend(&jpeg[2..]);
+    out
+}
+
+fn jpeg_of(img: &image::RgbImage) -> Vec<u8> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let frame = takumi::Frame::from_rgb8(w, h, img.as_raw());
+    takumi::publish::file::encode(&frame, takumi::publish::file::ImageKind::Jpeg).unwrap()
+}
+
+/// 64x96 upright: grey, with a red square at the top left and a blue one at the bottom right.
+fn portrait() -> image::RgbImage {
+    image::RgbImage::from_fn(64, 96, |x, y| match (x, y) {
+        (0..24, 0..24) => image::Rgb([230, 20, 20]),
+        (40.., 72..) => image::Rgb([20, 20, 230]),
+        _ => image::Rgb([128, 128, (x + y) as u8]),
+    })
+}
+
+fn apply_file(store: &Path, input: &Path, output: &Path) -> std::process::Output {
+    takumi(store)
+        .args(["apply", "--template", "warm", "--input"])
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .output()
+        .unwrap()
+}
+
+fn rgb_at(img: &image::DynamicImage, x: u32, y: u32) -> [f32; 3] {
+    let p = img.to_rgb32f().get_pixel(x, y).0;
+    [p[0], p[1], p[2]]
+}
+
+/// A phone's portrait, stored sideways with orientation 6, comes out upright: the size a viewer
+/// shows, each part where the viewer shows it, and close to the same photo stored upright.
+#[test]
+fn apply_turns_an_exif_rotated_photo_upright() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    learn_sample(&store, "warm");
+    let upright = portrait();
+    let sideways = image::imageops::rotate270(&upright);
+    let (tagged, plain) = (d.path().join("tagged.jpg"), d.path().join("plain.jpg"));
+    std::fs::write(&tagged, with_orientation(&jpeg_of(&sideways), 6)).unwrap();
+    std::fs::write(&plain, jpeg_of(&upright)).unwrap();
+    let (out_t, out_p) = (d.path().join("t.png"), d.path().join("p.png"));
+    for (i, o) in [(&tagged, &out_t), (&plain, &out_p)] {
+        let r = apply_file(&store, i, o);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    let got = image::open(&out_t).unwrap();
+    assert_eq!((got.width(), got.height()), (64, 96));
+    let [r, g, b] = rgb_at(&got, 8, 8);
+    assert!(
+        r > g + 0.4 && r > b + 0.4,
+        "top left is not red: {r} {g} {b}"
+    );
+    let [r, g, b] = rgb_at(&got, 56, 88);
+    assert!(
+        b > r + 0.3 && b > g + 0.3,
+        "bottom right is not blue: {r} {g} {b}"
+    );
+    let psnr = takumi::frame::psnr(
+        &takumi::capture::load_image(&out_t, &Default::default()).unwrap(),
+        &takumi::capture::load_image(&out_p, &Default::default()).unwrap(),
+    );
+    assert!(psnr > 30.0, "{psnr:.1} dB from the upright photo's output");
+}
+
+/// A product cut-out keeps its alpha and a 16-bit image its depth through a PNG; a JPEG output
+/// of either says what it drops.
+#[test]
+fn apply_keeps_alpha_and_16_bits_in_a_png_and_says_what_a_jpeg_drops() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    learn_sample(&store, "warm");
+    let cutout = image::RgbaImage::from_fn(96, 80, |x, y| {
+        let inside = (x as i32 - 48).pow(2) + (y as i32 - 40).pow(2) < 900;
+        let a = if inside { 255 } else { (x * 2) as u8 };
+        image::Rgba([(x * 2) as u8, 150, (y * 3) as u8, a])
+    });
+    let cut_in = d.path().join("cutout.png");
+    cutout.save(&cut_in).unwrap();
+    let cut_out = d.path().join("cutout-out.png");
+    let r = apply_file(&store, &cut_in, &cut_out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = image::open(&cut_out).unwrap();
+    assert_eq!(got.color(), image::ColorType::Rgba8);
+    let alpha = |i: &image::RgbaImage| i.pixels().map(|p| p[3]).collect::<Vec<u8>>();
+    assert_eq!(alpha(&got.to_rgba8()), alpha(&cutout));
+
+    // a horizontal 16-bit ramp: 1024 levels, four times what 8 bits hold
+    let ramp = image::ImageBuffer::<image::Rgb<u16>, _>::from_fn(1024, 64, |x, _| {
+        let v = (x * 64) as u16;
+        image::Rgb([v, v, v])
+    });
+    let deep_in = d.path().join("deep.png");
+    ramp.save(&deep_in).unwrap();
+    let deep_out = d.path().join("deep-out.png");
+    let r = apply_file(&store, &deep_in, &deep_out);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let got = image::open(&deep_out).unwrap();
+    assert_eq!(got.color(), image::ColorType::Rgb16);
+    let mut levels: Vec<u16> = got.to_rgb16().pixels().map(|p| p[1]).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    assert!(levels.len() > 256, "{} levels of green", levels.len());
+
+    for (input, lost) in [(&cut_in, "alpha channel"), (&deep_in, "16-bit depth")] {
+        let jpg = d.path().join("out.jpg");
+        let r = apply_file(&store, input, &jpg);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with("warning: ") && l.contains(lost) && l.contains(".png")),
+            "{err}"
+        );
+        assert_eq!(image::open(&jpg).unwrap().color(), image::ColorType::Rgb8);
+    }
+}
+
+/// Two phone photos, larger than any frame apply takes, one of them stored sideways: learn
+/// turns it upright (so the pair registers), downscales both and says at what size it learned,
+/// as `templates show` does. Without the closed-form fit, which takes seconds at this size and
+/// has nothing to do with it.
+#[test]
+fn learn_takes_phone_photos_and_records_the_size_it_learned_at() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let (w, h) = (4032, 3024);
+    let big = |name: &str| {
+        let f = takumi::capture::load_image(&samples().join(name), &Default::default()).unwrap();
+        let rgb = f.resized(w, h).to_rgb8();
+        image::RgbImage::from_raw(w as u32, h as u32, rgb).unwrap()
+    };
+    let (before, after) = (d.path().join("before.jpg"), d.path().join("after.jpg"));
+    let sideways = image::imageops::rotate270(&big("pair_before.jpg"));
+    std::fs::write(&before, with_orientation(&jpeg_of(&sideways), 6)).unwrap();
+    std::fs::write(&after, jpeg_of(&big("pair_after.jpg"))).unwrap();
+    let text = run_ok(
+        takumi(&store)
+            .args(["learn", "--no-fit", "--name", "phone", "--before"])
+            .arg(&before)
+            .arg("--after")
+            .arg(&after),
+    );
+    let max_px = takumi::engine::Engine::learn_max_px(1);
+    let (lw, lh) = takumi::capture::file::fit_pixels((w as u32, h as u32), max_px);
+    assert!(lw < 3840 && u64::from(lw * lh) <= max_px, "{lw}x{lh}");
+    let size = format!("{lw}x{lh} (downscaled from {w}x{h})");
+    assert!(
+        text.contains(&format!("pair 0 learned at {size}")),
+        "{text}"
+    );
+    let shown = run_ok(takumi(&store).args(["templates", "show", "phone"]));
+    assert!(shown.contains(&size), "{shown}");
+    assert!(shown.contains("register 0   ok"), "{shown}");
+}

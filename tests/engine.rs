@@ -5,7 +5,8 @@ mod common;
 use common::*;
 use takumi::Frame;
 use takumi::capture::{ImageLimits, load_image};
-use takumi::engine::{Engine, Learned, Precision};
+use takumi::engine::model::CACHED_PLANS;
+use takumi::engine::{Engine, Learned, Models, Precision, filterbank};
 use takumi::frame::psnr;
 
 /// Stated in models/MODEL_CARD.md ("Shipped sample pair"): the worst capture's PSNR against
@@ -126,4 +127,79 @@ fn learn_refuses_mismatched_pairs() {
     let b = img("captures/rocket.jpg");
     assert!(e.learn(&[(a, b)]).is_err());
     assert!(e.learn(&[]).is_err());
+}
+
+/// Issue 13: the plan specialised per template (its LoRA factors folded into constant weights)
+/// computes the generic plan's grid, for a learned template and for its undo (-delta), in every
+/// precision.
+#[test]
+fn specialised_backbone_matches_the_generic_plan() {
+    let t = sample_template(&engine(1));
+    let neg: Vec<f32> = t.delta.iter().map(|v| -v).collect();
+    let thumb = filterbank::thumbnail(&img("captures/rocket.jpg"));
+    // measured equal to the last bit on x86, where both plans run the same kernels; on a CPU
+    // with fp16 arithmetic the fold and the per-run B·A may take different f16 kernels, whose
+    // sums round differently by a few f16 steps of the grid's magnitude
+    for (precision, tol) in [
+        (Precision::Float, 1e-5),
+        (Precision::Int8, 1e-5),
+        (Precision::F16, 1e-2),
+    ] {
+        let m = Models::load(&models(), precision).unwrap();
+        for delta in [&t.delta, &neg] {
+            let plan = m.specialise(delta).unwrap().expect("a template input");
+            let want = m.backbone(&thumb, delta).unwrap();
+            let got = m.backbone_with(&plan, &thumb).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(
+                d <= tol,
+                "{precision}: specialised differs from generic by {d}"
+            );
+            // the template is folded away: no slice of it is left, and the matmuls left are the
+            // backbone's seven convolutions (the generic plan adds one per convolution, B·A)
+            let ops = plan.ops();
+            let matmuls = |ops: &[String]| ops.iter().filter(|o| *o == "OptMatMul").count();
+            assert!(!ops.iter().any(|o| o == "Slice"), "{precision}: {ops:?}");
+            assert_eq!(matmuls(&ops), 7, "{precision}: {ops:?}");
+            assert!(matmuls(&m.backbone_ops()) >= 14, "{precision}");
+        }
+    }
+}
+
+/// A template runs on the generic plan on its first apply, gets its plan on the second, and
+/// the cache holds the last few templates only.
+#[test]
+fn specialised_plans_are_built_on_the_second_apply_and_cached() {
+    let e = engine(1);
+    let t = sample_template(&e);
+    let b = img("captures/rocket.jpg").resized(128, 96);
+    let first = e.apply_edit(t.edit(false), &b).unwrap();
+    assert_eq!(e.models.cached_plans(), 0, "built on the first apply");
+    let second = e.apply_edit(t.edit(false), &b).unwrap();
+    let third = e.apply_edit(t.edit(false), &b).unwrap();
+    assert_eq!(e.models.cached_plans(), 1);
+    assert!(max_abs_diff(&first.data, &second.data) <= 1e-5);
+    assert!(max_abs_diff(&first.data, &third.data) <= 1e-5);
+    let thumb = filterbank::thumbnail(&b);
+    for i in 0..CACHED_PLANS + 2 {
+        let d: Vec<f32> = t.delta.iter().map(|v| v * (0.5 + i as f32 * 0.1)).collect();
+        for _ in 0..2 {
+            e.models.backbone_cached(&thumb, &d).unwrap();
+        }
+    }
+    assert_eq!(e.models.cached_plans(), CACHED_PLANS);
+}
+
+/// A crafted template that drives the backbone to infinity or NaN is refused on every apply,
+/// through the generic plan and through its specialised one, and nothing panics.
+#[test]
+fn out_of_range_templates_are_refused_on_the_specialised_plan_too() {
+    let e = engine(1);
+    let b = img("captures/rocket.jpg").resized(128, 96);
+    for v in [1e30, f32::NAN, f32::INFINITY] {
+        let d = vec![v; e.models.template_len];
+        for _ in 0..3 {
+            assert!(e.apply(&d, &b, false).is_err(), "{v} was applied");
+        }
+    }
 }

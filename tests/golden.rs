@@ -38,6 +38,15 @@ fn check(precision: Precision, tol_t: f32, tol_g: f32) {
     let grid = m.backbone(&g["thumb"].1, &g["template"].1).unwrap();
     let d = max_abs_diff(&grid, &g["grid"].1);
     assert!(d <= tol_g, "{tag} backbone differs from onnxruntime by {d}");
+    // the plan `apply` runs from a template's second apply on: the template folded into the
+    // weights (issue 13)
+    let plan = m.specialise(&g["template"].1).unwrap().unwrap();
+    let grid = m.backbone_with(&plan, &g["thumb"].1).unwrap();
+    let d = max_abs_diff(&grid, &g["grid"].1);
+    assert!(
+        d <= tol_g,
+        "{tag} specialised backbone differs from onnxruntime by {d}"
+    );
 }
 
 #[test]

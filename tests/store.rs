@@ -39,6 +39,7 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
                     .to_string(),
                 width: 4000 + p as u32,
                 height: 3000,
+                downscaled_from: None,
                 thumb_before: (0..THUMB_BYTES)
                     .map(|i| ((i + p + seed as usize) % 251) as u8)
                     .collect(),

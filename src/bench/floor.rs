@@ -10,7 +10,7 @@ use tract_onnx::tract_core::ops::cnn::Conv;
 use tract_onnx::tract_core::ops::einsum::EinSum;
 
 use crate::engine::filterbank::gauss_kernel;
-use crate::engine::model::{CK, K, SIGMAS};
+use crate::engine::model::{self, CK, K, SIGMAS};
 use crate::{Error, Result};
 
 /// Side of the square matmul that measures throughput: 2.1 GFLOP, long enough (milliseconds)
@@ -49,9 +49,12 @@ fn matmul_plan() -> TractResult<Arc<TypedRunnableModel>> {
     model.into_optimized()?.into_runnable()
 }
 
-/// FLOP of the backbone ONNX model: 2 x the multiply-adds of its convolutions and matmuls, as
-/// tract's cost model counts them on the decluttered graph (the same for every frame size:
-/// the backbone sees the thumbnail).
+/// FLOP of the backbone ONNX model per frame: 2 x the multiply-adds of its convolutions and
+/// matmuls, as tract's cost model counts them on the decluttered graph (the same for every
+/// frame size: the backbone sees the thumbnail), once the template is a constant. The LoRA
+/// products `B·A` (1.1 MFLOP) and the last layer's constant ones-channel are then folded away,
+/// as in the plan specialised per template that apply runs: they cost once per template, not
+/// per frame.
 pub fn backbone_flop(path: &Path) -> Result<f64> {
     count_macs(path)
         .map(|m| 2.0 * m)
@@ -59,10 +62,16 @@ pub fn backbone_flop(path: &Path) -> Result<f64> {
 }
 
 fn count_macs(path: &Path) -> TractResult<f64> {
-    let model = tract_onnx::onnx()
+    let mut model = tract_onnx::onnx()
         .model_for_path(path)?
         .into_typed()?
         .into_decluttered()?;
+    if let Some(input) = model::template_input(&model) {
+        let len = model.input_fact(input)?.shape.volume().to_i64()? as usize;
+        // any value folds the same products: 0.5, since a zero could be simplified away
+        let t = Tensor::from_shape(&[1, len], &vec![0.5f32; len])?;
+        model = model::constantize(model, input, t)?.into_decluttered()?;
+    }
     let mut macs = 0.0;
     for node in model.nodes() {
         if !(node.op_is::<Conv>() || node.op_is::<EinSum>()) {
@@ -118,10 +127,40 @@ impl Floor {
     pub fn describe(&self, threads: usize) -> String {
         format!(
             "FLOP floor: f32 multiply-add throughput {:.1} GFLOP/s (tract matmul {SIDE}^3 on {threads} threads, this run); \
-             G per frame = backbone {:.1} MFLOP (ONNX conv/matmul multiply-adds x2) + {:.0} FLOP per pixel (blurs, slicing)",
+             G per frame = backbone {:.1} MFLOP (ONNX conv/matmul multiply-adds x2, the template folded) + {:.0} FLOP per pixel (blurs, slicing)",
             self.gflops,
             self.backbone_flop / 1e6,
             full_res_flop_per_px()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-frame count leaves out what the specialised plan folds: the seven LoRA products
+    /// `B·A` of models/model.json's layout (559,648 multiply-adds), and the final 1x1
+    /// convolution's constant ones-channel, which becomes a bias (384 outputs x 64 cells).
+    #[test]
+    fn backbone_flop_leaves_out_the_folded_lora_products() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/backbone.onnx");
+        let folded = backbone_flop(&path).unwrap();
+        let generic = {
+            let m = tract_onnx::onnx().model_for_path(&path).unwrap();
+            let m = m.into_typed().unwrap().into_decluttered().unwrap();
+            let mut macs = 0.0;
+            for n in m.nodes() {
+                if n.op_is::<Conv>() || n.op_is::<EinSum>() {
+                    for (c, k) in n.op.cost(&m.node_input_facts(n.id).unwrap()).unwrap() {
+                        if let Cost::FMA(_) = c {
+                            macs += k.to_i64().unwrap() as f64;
+                        }
+                    }
+                }
+            }
+            2.0 * macs
+        };
+        assert_eq!(generic - folded, 2.0 * (559_648.0 + 384.0 * 64.0));
     }
 }

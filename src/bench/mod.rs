@@ -192,20 +192,33 @@ fn apply_figures(
             g(&int8, f)?
         );
     }
+    let thumb = filterbank::thumbnail(&frames[0]);
+    for eng in [float, &int8] {
+        let p = ort::backbone_plans(eng, &thumb, &first.delta, iters)?;
+        println!(
+            "backbone {}: generic plan {:.2} ms, specialised plan {:.2} ms = {:.2}x, built in {:.2} ms = {:.1} generic runs",
+            eng.models.precision,
+            p.generic,
+            p.specialised,
+            p.specialised / p.generic,
+            p.build,
+            p.build / p.generic
+        );
+    }
     Ok(ms)
 }
 
 /// Where G's time goes: the full-resolution blurs and slicing, and the backbone on the
-/// thumbnail.
+/// thumbnail (on the template's specialised plan, as apply runs it after its first time).
 fn stage_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize) -> Result<()> {
     let n = float.threads;
     for f in frames {
         let blurs = filterbank::blurs(f, n);
         let thumb = filterbank::thumbnail(f);
-        let grid = float.models.backbone(&thumb, &first.delta)?;
+        let grid = float.models.backbone_cached(&thumb, &first.delta)?;
         let b = time_ms(iters, || Ok(filterbank::blurs(f, n)))?;
         let t = time_ms(iters, || Ok(filterbank::thumbnail(f)))?;
-        let g = time_ms(iters, || float.models.backbone(&thumb, &first.delta))?;
+        let g = time_ms(iters, || float.models.backbone_cached(&thumb, &first.delta))?;
         let s = time_ms(iters, || Ok(slice::apply(f, &blurs, &grid, n)))?;
         println!(
             "apply {}x{} float, by stage: blurs {b:.1} ms, thumbnail {t:.1} ms, backbone {g:.1} ms, slicing {s:.1} ms",

@@ -12,4 +12,6 @@ pub use source::{DirSource, FrameSource, PixelFormat, SourceConfig, SyntheticSou
 #[cfg(feature = "v4l")]
 pub use v4l2::V4lSource;
 
-pub use file::{ImageKind, ImageLimits, load_image};
+pub use file::{
+    Depth, Image, ImageKind, ImageLimits, Scaled, load_for_learn, load_image, read_image,
+};

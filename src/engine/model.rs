@@ -3,10 +3,11 @@
 //! error at start-up rather than wrong pixels later).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::transform::{NodeFilter, build_float_translator};
 
 use crate::{Error, Result};
@@ -77,9 +78,40 @@ struct ModelMeta {
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// Specialised backbone plans kept at once: a station arms one template and applies it to every
+/// capture, and an operator flips between a few (the edit, its undo, a second template).
+pub const CACHED_PLANS: usize = 4;
+
+/// The backbone plan for one template: its LoRA factors folded into constant, pre-packed
+/// convolution weights (see [`Models::specialise`]).
+#[derive(Clone)]
+pub struct Specialised {
+    plan: Plan,
+}
+
+impl Specialised {
+    /// The names of the plan's operators, in evaluation order (for tests and `bench`).
+    pub fn ops(&self) -> Vec<String> {
+        plan_ops(&self.plan)
+    }
+}
+
+fn plan_ops(plan: &Plan) -> Vec<String> {
+    let m = plan.model();
+    m.eval_order()
+        .unwrap_or_default()
+        .iter()
+        .map(|&n| m.node(n).op.name().to_string())
+        .collect()
+}
+
 pub struct Models {
     hyper: Plan,
     backbone: Plan,
+    /// The backbone before optimisation (decluttered, and in f16 for [`Precision::F16`]): what a
+    /// specialised plan is built from. `None` where the model has no input named "template".
+    backbone_typed: Option<(TypedModel, usize)>,
+    plans: Mutex<PlanCache>,
     pub template_len: usize,
     /// Offset of the grid's global coefficient offset inside the template vector.
     pub offset_at: usize,
@@ -96,8 +128,10 @@ fn model_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-fn load_plan(path: &Path, precision: Precision) -> Result<Plan> {
-    let load = || -> TractResult<Plan> {
+/// The decluttered typed model, translated to f16 for [`Precision::F16`]: what both the generic
+/// plan and every specialised plan are optimised from.
+fn load_typed(path: &Path, precision: Precision) -> Result<TypedModel> {
+    let load = || -> TractResult<TypedModel> {
         let mut model = tract_onnx::onnx()
             .model_for_path(path)?
             .into_typed()?
@@ -108,9 +142,53 @@ fn load_plan(path: &Path, precision: Precision) -> Result<Plan> {
             build_float_translator(DatumType::F32, DatumType::F16, NodeFilter::default())
                 .transform(&mut model)?;
         }
-        model.into_optimized()?.into_runnable()
+        Ok(model)
     };
     load().map_err(|e| model_err(path, format!("cannot load: {e:#}")))
+}
+
+fn optimise(model: TypedModel, path: &Path) -> Result<Plan> {
+    model
+        .into_optimized()
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| model_err(path, format!("cannot optimise: {e:#}")))
+}
+
+/// Which of the backbone's inputs is the template vector (by its ONNX name).
+pub(crate) fn template_input(model: &TypedModel) -> Option<usize> {
+    let inputs = model.input_outlets().ok()?;
+    inputs
+        .iter()
+        .position(|o| model.node(o.node).name == "template")
+}
+
+/// The backbone's typed model with its template input replaced by the constant `value`, as
+/// tract's CLI `--constantize` does: optimising it then folds every node that depends on the
+/// template alone (the slices of the LoRA factors, `W + B·A`, and in the int8 model their
+/// quantise/dequantise pairs) into constants, which the convolutions pre-pack.
+pub(crate) fn constantize(
+    mut model: TypedModel,
+    input: usize,
+    value: Tensor,
+) -> TractResult<TypedModel> {
+    let outlet = model.input_outlets()?[input];
+    let fact = TypedFact::try_from(value.clone())?;
+    let want = model.outlet_fact(outlet)?;
+    if want.datum_type != fact.datum_type || want.shape != fact.shape {
+        return Err(anyhow::anyhow!(
+            "template is {fact:?}, the model's input is {want:?}"
+        ));
+    }
+    model.node_mut(outlet.node).op = Box::new(Const::new(Arc::new(value))?);
+    model.set_outlet_fact(outlet, fact)?;
+    let rest: Vec<OutletId> = model
+        .input_outlets()?
+        .iter()
+        .copied()
+        .filter(|o| *o != outlet)
+        .collect();
+    model.set_input_outlets(&rest)?;
+    Ok(model)
 }
 
 impl Models {
@@ -186,11 +264,17 @@ impl Models {
             let b = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
             h.update(&b);
         }
-        let hyper = load_plan(&dir.join(format!("hypernet{suffix}.onnx")), precision)?;
-        let backbone = load_plan(&dir.join(format!("backbone{suffix}.onnx")), precision)?;
+        let hyper_path = dir.join(format!("hypernet{suffix}.onnx"));
+        let hyper = optimise(load_typed(&hyper_path, precision)?, &hyper_path)?;
+        let backbone_path = dir.join(format!("backbone{suffix}.onnx"));
+        let typed = load_typed(&backbone_path, precision)?;
+        let backbone = optimise(typed.clone(), &backbone_path)?;
+        let template_input = template_input(&typed);
         let models = Models {
             hyper,
             backbone,
+            backbone_typed: template_input.map(|i| (typed, i)),
+            plans: Mutex::new(PlanCache::default()),
             template_len: meta.template_len,
             offset_at,
             hash: h.finalize().to_hex()[..16].to_string(),
@@ -204,6 +288,11 @@ impl Models {
             models.matmul_kernels()
         );
         Ok(models)
+    }
+
+    /// The names of the generic backbone plan's operators, in evaluation order.
+    pub fn backbone_ops(&self) -> Vec<String> {
+        plan_ops(&self.backbone)
     }
 
     /// The distinct matmul kernels of both optimised plans, sorted by name.
@@ -232,14 +321,23 @@ impl Models {
         Ok(v)
     }
 
-    /// G's low-resolution CNN: thumbnail of B + template -> grid `[LBINS*3*K][GRID][GRID]`.
+    /// G's low-resolution CNN on the generic plan, which takes the template as an input:
+    /// thumbnail of B + template -> grid `[LBINS*3*K][GRID][GRID]`.
     pub fn backbone(&self, thumb: &[f32], template: &[f32]) -> Result<Vec<f32>> {
         let t = self.input(thumb, &[1, 3, THUMB, THUMB])?;
         let d = self.input(template, &[1, self.template_len])?;
-        let out = self
-            .backbone
-            .run(tvec![t.into(), d.into()])
-            .map_err(|e| model_err(&self.dir, format!("backbone: {e:#}")))?;
+        self.grid(self.backbone.run(tvec![t.into(), d.into()]))
+    }
+
+    /// The same grid as [`Models::backbone`], on a plan specialised for `template`.
+    pub fn backbone_with(&self, plan: &Specialised, thumb: &[f32]) -> Result<Vec<f32>> {
+        let t = self.input(thumb, &[1, 3, THUMB, THUMB])?;
+        self.grid(plan.plan.run(tvec![t.into()]))
+    }
+
+    /// The backbone's output as a grid, refused where the template drove it out of range.
+    fn grid(&self, out: TractResult<TVec<TValue>>) -> Result<Vec<f32>> {
+        let out = out.map_err(|e| model_err(&self.dir, format!("backbone: {e:#}")))?;
         let v = to_vec(&out[0], &self.dir)?;
         if v.len() != GRID_CH * GRID * GRID {
             return Err(model_err(&self.dir, "backbone output has the wrong size"));
@@ -254,7 +352,123 @@ impl Models {
     }
 }
 
+/// Specialised backbone plans by template, keyed by blake3 of the template's values.
+#[derive(Default)]
+struct PlanCache {
+    /// Templates applied once and not yet built, most recent first. Kept apart from `built`,
+    /// so that templates applied once (learn's) do not push out the armed template's plan.
+    seen: Vec<blake3::Hash>,
+    /// Built plans, most recently used first; `None` where a template cannot be specialised,
+    /// so that it does not pay for a failing build on every apply.
+    built: Vec<(blake3::Hash, Option<Specialised>)>,
+}
+
+enum Lookup {
+    Built(Option<Specialised>),
+    /// First apply of this template: run the generic plan.
+    FirstSight,
+    /// Second apply: build its plan.
+    Build,
+}
+
+impl PlanCache {
+    fn lookup(&mut self, key: blake3::Hash) -> Lookup {
+        if let Some(i) = self.built.iter().position(|(k, _)| *k == key) {
+            let hit = self.built.remove(i);
+            let plan = hit.1.clone();
+            self.built.insert(0, hit);
+            return Lookup::Built(plan);
+        }
+        if let Some(i) = self.seen.iter().position(|k| *k == key) {
+            self.seen.remove(i);
+            return Lookup::Build;
+        }
+        self.seen.insert(0, key);
+        self.seen.truncate(CACHED_PLANS);
+        Lookup::FirstSight
+    }
+
+    fn insert(&mut self, key: blake3::Hash, plan: Option<Specialised>) {
+        self.built.retain(|(k, _)| *k != key);
+        self.built.insert(0, (key, plan));
+        self.built.truncate(CACHED_PLANS);
+    }
+}
+
+/// The cache's key for a template: blake3 of its values' bytes, hashed in one call rather than
+/// one `update` per value, which would pay blake3's per-call overhead for each of 11,572 values
+/// on every apply.
+fn template_key(template: &[f32]) -> blake3::Hash {
+    let bytes: Vec<u8> = template.iter().flat_map(|v| v.to_le_bytes()).collect();
+    blake3::hash(&bytes)
+}
+
 impl Models {
+    /// A backbone plan for `template` alone: its LoRA factors folded into constant weights
+    /// that tract pre-packs. `None` where this backbone has no input named "template".
+    pub fn specialise(&self, template: &[f32]) -> Result<Option<Specialised>> {
+        let Some((typed, input)) = &self.backbone_typed else {
+            return Ok(None);
+        };
+        if template.len() != self.template_len {
+            return Err(Error::Invalid(format!(
+                "template has {} values, the model expects {}",
+                template.len(),
+                self.template_len
+            )));
+        }
+        // cast like the generic plan's input, so the f16 plan folds f16 weights
+        let value = self.input(template, &[1, self.template_len])?;
+        let model = constantize(typed.clone(), *input, value)
+            .map_err(|e| model_err(&self.dir, format!("specialising the backbone: {e:#}")))?;
+        Ok(Some(Specialised {
+            plan: optimise(model, &self.dir)?,
+        }))
+    }
+
+    /// The grid for `template` as `apply` runs it: on the template's specialised plan where
+    /// one is cached, else on the generic plan. A template's plan is built on its second apply,
+    /// not its first: a build costs about 5 generic backbone runs in float and saves 0.4 of one
+    /// per apply (int8: 2.5 and 0.5; `takumi bench`), so a template applied once (a one-file
+    /// `takumi apply`, learn's own checks) would only lose by it.
+    pub fn backbone_cached(&self, thumb: &[f32], template: &[f32]) -> Result<Vec<f32>> {
+        let key = template_key(template);
+        // the guard is dropped here, not at the end of the match: `Build` takes the lock again
+        let found = self.lock_plans().lookup(key);
+        let plan = match found {
+            Lookup::Built(plan) => plan,
+            Lookup::FirstSight => None,
+            Lookup::Build => {
+                // built outside the lock: another thread's apply of a cached template need not
+                // wait for it
+                let plan = self.specialise(template).unwrap_or_else(|e| {
+                    tracing::warn!("the generic backbone plan runs this template: {e}");
+                    None
+                });
+                self.lock_plans().insert(key, plan.clone());
+                plan
+            }
+        };
+        match plan {
+            Some(plan) => self.backbone_with(&plan, thumb),
+            None => self.backbone(thumb, template),
+        }
+    }
+
+    /// How many templates have a specialised plan cached.
+    pub fn cached_plans(&self) -> usize {
+        self.lock_plans()
+            .built
+            .iter()
+            .filter(|b| b.1.is_some())
+            .count()
+    }
+
+    fn lock_plans(&self) -> std::sync::MutexGuard<'_, PlanCache> {
+        // the cache holds no invariant a panicking thread could break halfway
+        self.plans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A model input: f32, or f16 for the half-precision plans.
     fn input(&self, x: &[f32], shape: &[usize]) -> Result<Tensor> {
         let t = Tensor::from_shape(shape, x)

@@ -4,20 +4,75 @@
 
 use std::path::{Path, PathBuf};
 
-use image::ImageEncoder;
 use image::codecs::png::PngEncoder;
+use image::{DynamicImage, ImageBuffer, ImageEncoder};
 
 use crate::atomic_write::{Durability, rename_into, write_temp};
+use crate::capture::file::{Depth, Image};
 use crate::{Error, Frame, Result};
 
 pub use crate::capture::file::ImageKind;
 
+/// An 8-bit RGB PNG or JPEG of the frame.
 pub fn encode(frame: &Frame, kind: ImageKind) -> Result<Vec<u8>> {
     let rgb = frame.to_rgb8();
     match kind {
         ImageKind::Png => encode_png(&rgb, frame.width as u32, frame.height as u32),
         ImageKind::Jpeg => encode_jpeg(&rgb, frame.width, frame.height),
     }
+}
+
+/// A PNG keeps the image's alpha and 16-bit depth; a JPEG is 8-bit RGB, and [`lost_in`] says
+/// what that drops.
+pub fn encode_image(img: &Image, kind: ImageKind) -> Result<Vec<u8>> {
+    let f = &img.frame;
+    let (w, h) = (f.width as u32, f.height as u32);
+    let dynamic = match (kind, img.depth, &img.alpha) {
+        (ImageKind::Jpeg, ..) | (ImageKind::Png, Depth::Eight, None) => return encode(f, kind),
+        (_, Depth::Eight, Some(a)) => ImageBuffer::from_raw(
+            w,
+            h,
+            rgba(&f.to_rgb8(), a, |v| u8::try_from(v).unwrap_or(u8::MAX)),
+        )
+        .map(DynamicImage::ImageRgba8),
+        (_, Depth::Sixteen, None) => {
+            ImageBuffer::from_raw(w, h, f.to_rgb16()).map(DynamicImage::ImageRgb16)
+        }
+        (_, Depth::Sixteen, Some(a)) => ImageBuffer::from_raw(w, h, rgba(&f.to_rgb16(), a, |v| v))
+            .map(DynamicImage::ImageRgba16),
+    }
+    .ok_or_else(|| encode_err(format!("the alpha plane does not match the {w}x{h} frame")))?;
+    let mut out = Vec::new();
+    dynamic
+        .write_with_encoder(PngEncoder::new(&mut out))
+        .map_err(encode_err)?;
+    Ok(out)
+}
+
+/// What writing `img` as `kind` loses, in words ("alpha channel", "16-bit depth", both), or
+/// None: only a JPEG loses anything.
+pub fn lost_in(img: &Image, kind: ImageKind) -> Option<String> {
+    if kind != ImageKind::Jpeg {
+        return None;
+    }
+    let lost: Vec<&str> = [
+        img.alpha.is_some().then_some("alpha channel"),
+        (img.depth == Depth::Sixteen).then_some("16-bit depth"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!lost.is_empty()).then(|| lost.join(" and "))
+}
+
+/// RGB samples and an alpha plane (u16 at the image's depth, `cast` to the sample type)
+/// interleaved as RGBA; a short alpha plane gives a short buffer, which
+/// `ImageBuffer::from_raw` refuses.
+fn rgba<T: Copy>(rgb: &[T], alpha: &[u16], cast: impl Fn(u16) -> T) -> Vec<T> {
+    rgb.chunks_exact(3)
+        .zip(alpha)
+        .flat_map(|(p, &a)| [p[0], p[1], p[2], cast(a)])
+        .collect()
 }
 
 fn encode_err(e: impl std::fmt::Display) -> Error {

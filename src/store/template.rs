@@ -80,8 +80,14 @@ pub struct SourcePair {
     /// camera, which gives no file at all.
     pub before_blake3: String,
     pub after_blake3: String,
+    /// The size the pair was learned at.
     pub width: u32,
     pub height: u32,
+    /// The (upright) size of the files, when learn downscaled them to `width` x `height`
+    /// (`Engine::learn_max_px`); absent when learned at their own size, and in files written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downscaled_from: Option<[u32; 2]>,
     /// RGB8, [`THUMB`] x [`THUMB`], row-major interleaved.
     #[serde(skip)]
     pub thumb_before: Vec<u8>,
@@ -179,6 +185,15 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 impl SourcePair {
+    /// The size learned at: "544x384", or "1977x1483 (downscaled from 4032x3024)".
+    pub fn size_text(&self) -> String {
+        let at = format!("{}x{}", self.width, self.height);
+        match self.downscaled_from {
+            Some([w, h]) => format!("{at} (downscaled from {w}x{h})"),
+            None => at,
+        }
+    }
+
     /// The record a template keeps of one of its pairs: size, pixel hashes and thumbnails.
     pub fn of(before: &Frame, after: &Frame) -> SourcePair {
         let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
@@ -195,6 +210,7 @@ impl SourcePair {
             after_blake3: hash(after),
             width: before.width as u32,
             height: before.height as u32,
+            downscaled_from: None,
             thumb_before: thumb(before),
             thumb_after: thumb(after),
         }
