@@ -264,10 +264,8 @@ fn learn(
     let t0 = std::time::Instant::now();
     let mut t = Template::learn(&eng, name.clone(), &pairs, opts)?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
-    for (s, [w, h]) in t.sources.iter_mut().zip(originals) {
-        if (s.width, s.height) != (w, h) {
-            s.downscaled_from = Some([w, h]);
-        }
+    for (s, original) in t.sources.iter_mut().zip(originals) {
+        s.read_from(original);
     }
     store.save(&t)?;
     let c = &t.card;

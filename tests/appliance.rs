@@ -638,3 +638,53 @@ fn a_full_outbox_refuses_work_with_events_that_outlive_the_outage() {
         svc.stop().await.unwrap();
     });
 }
+
+/// A 4K pair sent over MQTT to a station on a board's memory budget (`memory_mb = 480` under
+/// `MemoryMax=512M`): learn works downscaled and says so; applying to a 4K frame would need
+/// more than the budget, so it is refused up front with an event, and the station goes on.
+#[test]
+fn four_k_work_on_a_board_budget_is_learned_downscaled_or_refused_with_an_event() {
+    let d = tempfile::tempdir().unwrap();
+    let mut cfg = station_cfg(d.path(), "s1", 0, true);
+    cfg.engine.memory_mb = 480;
+    cfg.station.max_payload_bytes = 12 << 20;
+    let jpeg_4k = |name: &str| {
+        let img = image::open(samples().join(name)).unwrap().to_rgb8();
+        let big = image::imageops::resize(&img, 3840, 2160, image::imageops::FilterType::Triangle);
+        let mut out = std::io::Cursor::new(Vec::new());
+        big.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        b64(out.get_ref())
+    };
+    let (before, after) = (jpeg_4k("pair_before.jpg"), jpeg_4k("pair_after.jpg"));
+    rt().block_on(async {
+        let svc = takumi::appliance::service::start(cfg.clone())
+            .await
+            .unwrap();
+        let mut l = line(svc.broker_port.unwrap(), "takumi/#").await;
+        l.online("s1").await;
+        let learn = json!({"id": "learn", "op": "learn", "name": "big",
+            "before_jpeg_b64": before, "after_jpeg_b64": after});
+        l.send("s1", learn.to_string()).await;
+        let e = l.event("s1", "learn").await;
+        assert_eq!(e["code"], "learned", "{e}");
+        let said = e["message"].as_str().unwrap();
+        assert!(said.contains("(downscaled from 3840x2160)"), "{said}");
+        let apply = json!({"id": "apply", "op": "apply", "template": "big", "mode": "image",
+            "image_jpeg_b64": before});
+        l.send("s1", apply.to_string()).await;
+        let e = l.event("s1", "apply").await;
+        assert_eq!(e["code"], "apply_failed", "{e}");
+        assert!(e["message"].as_str().unwrap().contains("memory_mb"), "{e}");
+        // the station goes on: it answers, and the template is still listed
+        l.send(
+            "s1",
+            json!({"id": "ls", "op": "templates.list"}).to_string(),
+        )
+        .await;
+        l.wait(30, |t, p| {
+            t == "takumi/s1/templates" && String::from_utf8_lossy(p).contains("\"big\"")
+        })
+        .await;
+        svc.stop().await.unwrap();
+    });
+}

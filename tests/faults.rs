@@ -658,6 +658,12 @@ fn broker_restarts(want: usize, restarts: usize, gap: (u64, u64)) -> Option<Tall
             rng.between(Duration::from_millis(200), Duration::from_secs(2)),
         );
         broker.spawn();
+        // back on line before the next restart: a restart while the station is still backing
+        // off from the last one would be an outage it cannot see as two
+        let until = Instant::now() + Duration::from_secs(30);
+        while st.lines_with("mqtt: connected") < i + 2 && Instant::now() < until {
+            sleep_alive(&mut st, Duration::from_millis(100));
+        }
     }
     wait_results(&line, &mut st, want, 600);
     let producing = (st.results().len(), t0.elapsed());

@@ -12,8 +12,8 @@ use super::protocol::{
     ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, TemplateInfo, parse_command,
     request_id,
 };
-use crate::capture::file::decode_image;
-use crate::capture::{FrameSource, ImageLimits};
+use crate::capture::file::{decode_image, decode_scaled, fit_pixels};
+use crate::capture::{FrameSource, ImageLimits, Scaled};
 use crate::config::QualityConfig;
 use crate::display::RgbImage8;
 use crate::engine::{Engine, LearnOptions};
@@ -108,6 +108,21 @@ fn event(
         request_id: request_id.map(str::to_string),
         request_ids: Vec::new(),
     })
+}
+
+/// A capture as learn works on it: downscaled, like a sent image, when it has more pixels than
+/// learn's memory budget holds (a 4K camera).
+fn for_learn(f: &Frame) -> Scaled {
+    let (w, h) = (f.width as u32, f.height as u32);
+    let (tw, th) = fit_pixels((w, h), Engine::learn_max_px(1));
+    let frame = match (tw, th) == (w, h) {
+        true => f.clone(),
+        false => f.resized(tw as usize, th as usize),
+    };
+    Scaled {
+        frame,
+        original: (w, h),
+    }
 }
 
 /// The event of a fleet payload refused before its template is read.
@@ -240,14 +255,14 @@ impl Station {
         &self,
         before_jpeg: Option<Vec<u8>>,
         after_jpeg: Option<Vec<u8>>,
-    ) -> Result<(Frame, Frame), (&'static str, String)> {
+    ) -> Result<(Scaled, Scaled), (&'static str, String)> {
         let (before, after) = match (before_jpeg, after_jpeg) {
             (Some(b), Some(a)) => (
-                self.decode("before_jpeg_b64", &b)?,
-                self.decode("after_jpeg_b64", &a)?,
+                self.decode_for_learn("before_jpeg_b64", &b)?,
+                self.decode_for_learn("after_jpeg_b64", &a)?,
             ),
             (None, None) => match (&self.last_before, &self.last_after) {
-                (Some(b), Some(a)) => (b.clone(), a.clone()),
+                (Some(b), Some(a)) => (for_learn(b), for_learn(a)),
                 _ => {
                     return Err((
                         "no_pair",
@@ -262,16 +277,21 @@ impl Station {
                 ));
             }
         };
-        if (before.width, before.height) != (after.width, after.height) {
+        let ((bw, bh), (aw, ah)) = (before.original, after.original);
+        if (bw, bh) != (aw, ah) {
             return Err((
                 "pair_size",
-                format!(
-                    "before is {}x{} but after is {}x{}",
-                    before.width, before.height, after.width, after.height
-                ),
+                format!("before is {bw}x{bh} but after is {aw}x{ah}"),
             ));
         }
         Ok((before, after))
+    }
+
+    /// A learn input as learn works on it (upright, and downscaled to what the memory budget
+    /// holds, as `takumi learn` reads files), with the image's own size.
+    fn decode_for_learn(&self, what: &str, bytes: &[u8]) -> Result<Scaled, (&'static str, String)> {
+        decode_scaled(bytes, &self.limits, Engine::learn_max_px(1))
+            .map_err(|e| ("bad_image", format!("{what}: {e}")))
     }
 
     fn save(&mut self, t: &Template) -> Result<(), (&'static str, String)> {
@@ -290,14 +310,20 @@ impl Station {
         id: &str,
     ) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let name = Self::name(name)?;
-        let pair = self.pair(before_jpeg, after_jpeg)?;
-        let t = Template::learn(&self.engine, name.clone(), &[pair], LearnOptions::default())
+        let (before, after) = self.pair(before_jpeg, after_jpeg)?;
+        let pair = (before.frame, after.frame);
+        let mut t = Template::learn(&self.engine, name.clone(), &[pair], LearnOptions::default())
             .map_err(|e| ("learn_failed", e.to_string()))?;
+        t.sources[0].read_from([before.original.0, before.original.1]);
         self.save(&t)?;
         let mut out = vec![event(
             Level::Info,
             "learned",
-            format!("learned {name}: {}", t.card.validation_summary()),
+            format!(
+                "learned {name} at {}: {}",
+                t.sources[0].size_text(),
+                t.card.validation_summary()
+            ),
             Some(id),
         )];
         if t.card.registration.iter().any(|r| !r.registered) {

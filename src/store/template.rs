@@ -194,6 +194,13 @@ impl SourcePair {
         }
     }
 
+    /// Records the size of the images this pair was read from, when learn worked smaller.
+    pub fn read_from(&mut self, [w, h]: [u32; 2]) {
+        if (self.width, self.height) != (w, h) {
+            self.downscaled_from = Some([w, h]);
+        }
+    }
+
     /// The record a template keeps of one of its pairs: size, pixel hashes and thumbnails.
     pub fn of(before: &Frame, after: &Frame) -> SourcePair {
         let hash = |f: &Frame| blake3::hash(&f.to_rgb8()).to_hex().to_string();
