@@ -31,12 +31,13 @@ pub enum Step {
 
 /// A failed write; the temporary file is gone by then.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {source}", path.display())]
+// not `source`: the message holds the cause, and the CLI prints the chain
+#[error("{}: {cause}", path.display())]
 pub struct WriteFailure {
     pub step: Step,
     /// The file or folder the failed step concerned.
     pub path: PathBuf,
-    pub source: io::Error,
+    pub cause: io::Error,
 }
 
 /// Writes `parts` to `tmp` and renames it over `dst`. The temporary file is held (and locked,
@@ -67,7 +68,7 @@ pub fn rename_into(tmp: &Path, dst: &Path, durability: Durability) -> Result<(),
         return Err(WriteFailure {
             step: Step::Rename,
             path: dst.into(),
-            source,
+            cause: source,
         });
     }
     if durability != Durability::Full {
@@ -80,7 +81,7 @@ pub fn rename_into(tmp: &Path, dst: &Path, durability: Durability) -> Result<(),
     sync_dir(dir).map_err(|source| WriteFailure {
         step: Step::SyncDir,
         path: dir.into(),
-        source,
+        cause: source,
     })
 }
 
@@ -115,7 +116,7 @@ fn write_temp_open(
         WriteFailure {
             step: Step::Write,
             path: tmp.into(),
-            source,
+            cause: source,
         }
     })
 }

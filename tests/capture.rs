@@ -684,7 +684,7 @@ fn error_messages_are_one_line() {
         CaptureError::Format("bad".into()),
         CaptureError::Io {
             path: "x.png".into(),
-            source: std::io::Error::other("gone"),
+            cause: std::io::Error::other("gone"),
         },
         CaptureError::Device("/dev/video0: gone".into()),
         CaptureError::Exhausted,

@@ -727,3 +727,14 @@ fn learn_takes_phone_photos_and_records_the_size_it_learned_at() {
     assert!(shown.contains(&size), "{shown}");
     assert!(shown.contains("register 0   ok"), "{shown}");
 }
+
+/// An io error from any module (here the store's, on a path through a file) is said once: the
+/// module errors keep it in their message, not also as the chain's cause.
+#[test]
+fn an_io_error_is_said_once() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = run_err(takumi(&file.join("store")).args(["templates", "list"]));
+    assert_eq!(err.matches("Not a directory").count(), 1, "{err}");
+}

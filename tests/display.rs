@@ -411,7 +411,7 @@ fn fb_open_on_a_missing_device_names_the_path() {
     let path = dir.path().join("fb0");
     let err = FbDisplay::open(&path).unwrap_err();
     match &err {
-        DisplayError::FbOpen { source, .. } => {
+        DisplayError::FbOpen { cause: source, .. } => {
             assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
         }
         other => panic!("wrong error: {other:?}"),

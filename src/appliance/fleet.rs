@@ -368,7 +368,7 @@ fn save_state(path: &Path, state: &FleetState) -> Result<()> {
     let json = serde_json::to_vec_pretty(state).map_err(|e| Error::Invalid(e.to_string()))?;
     let tmp = path.with_file_name(format!(".{STATE_FILE}.tmp"));
     // durable: a version forgotten after a power cut would let its old payload in again
-    write_atomic(&tmp, path, &[&json], Durability::Full).map_err(|e| Error::io(e.path, e.source))
+    write_atomic(&tmp, path, &[&json], Durability::Full).map_err(|e| Error::io(e.path, e.cause))
 }
 
 #[cfg(test)]

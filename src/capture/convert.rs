@@ -19,10 +19,11 @@ pub enum CaptureError {
     },
     #[error("{0}")]
     Format(String),
-    #[error("{path}: {source}")]
+    // not `source`: the message holds the cause, and the CLI prints the chain
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}")]
     Device(String),

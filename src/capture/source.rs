@@ -154,7 +154,7 @@ impl DirSource {
         let dir = dir.as_ref().to_path_buf();
         let io = |source| CaptureError::Io {
             path: dir.clone(),
-            source,
+            cause: source,
         };
         let mut files = Vec::new();
         for entry in std::fs::read_dir(&dir).map_err(io)? {
@@ -217,10 +217,7 @@ fn is_file_or_fifo(path: &Path) -> bool {
 
 fn read_image(path: &Path, limits: &ImageLimits) -> Result<Frame, CaptureError> {
     load_image(path, limits).map_err(|e| match e {
-        crate::Error::Io { path, cause } => CaptureError::Io {
-            path,
-            source: cause,
-        },
+        crate::Error::Io { path, cause } => CaptureError::Io { path, cause },
         e => CaptureError::Format(one_line(&e.to_string())),
     })
 }

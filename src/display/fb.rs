@@ -308,13 +308,13 @@ impl FbDisplay {
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|source| DisplayError::FbOpen {
+            .map_err(|cause| DisplayError::FbOpen {
                 path: path.clone(),
-                source,
+                cause,
             })?;
-        let not_fb = |source| DisplayError::NotFramebuffer {
+        let not_fb = |cause| DisplayError::NotFramebuffer {
             path: path.clone(),
-            source,
+            cause,
         };
         let mut var = FbVarScreeninfo::default();
         let mut fix = FbFixScreeninfo::default();
@@ -351,9 +351,9 @@ impl FbDisplay {
             )));
         }
         let map =
-            Mapping::new(&file, fix.smem_len as usize).map_err(|source| DisplayError::FbMap {
+            Mapping::new(&file, fix.smem_len as usize).map_err(|cause| DisplayError::FbMap {
                 path: path.clone(),
-                source,
+                cause,
             })?;
         Ok(Self {
             canvas: FbCanvas::new(w, h, format),

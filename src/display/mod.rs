@@ -113,13 +113,14 @@ pub trait Display {
     fn show(&mut self, state: &DisplayState) -> Result<(), DisplayError>;
 }
 
-/// Display errors; each message is one line that names the path.
+/// Display errors; each message is one line that names the path. The io errors are `cause`, not
+/// `source`: the message holds them, and the CLI prints the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum DisplayError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: display size {width}x{height} is out of range (1..={max} per side)", max = MAX_SIDE)]
     Size {
@@ -129,21 +130,21 @@ pub enum DisplayError {
     },
     #[error("{path}: cannot write PNG ({reason})")]
     Png { path: PathBuf, reason: String },
-    #[error("{path}: cannot open framebuffer device ({source})")]
+    #[error("{path}: cannot open framebuffer device ({cause})")]
     FbOpen {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: not a framebuffer device ({source})")]
+    #[error("{path}: not a framebuffer device ({cause})")]
     NotFramebuffer {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: unsupported framebuffer format ({reason})")]
     FbFormat { path: PathBuf, reason: String },
-    #[error("{path}: cannot map framebuffer memory ({source})")]
+    #[error("{path}: cannot map framebuffer memory ({cause})")]
     FbMap {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }

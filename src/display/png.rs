@@ -86,7 +86,7 @@ impl Canvas {
         // errors name `path`, the file the caller asked for, not the temporary one
         write_atomic(&tmp, path, &[&png], Durability::Atomic).map_err(|e| DisplayError::Io {
             path: path.to_path_buf(),
-            source: e.source,
+            cause: e.cause,
         })
     }
 

@@ -115,7 +115,7 @@ impl PendingFile {
         let tmp = dst.with_file_name(format!(".{name}.takumi-tmp.{}", std::process::id()));
         write_temp(&tmp, &[bytes], Durability::Data).map_err(|e| Error::Output {
             path: dst.into(),
-            reason: e.source.to_string(),
+            reason: e.cause.to_string(),
         })?;
         Ok(PendingFile {
             tmp,
@@ -127,7 +127,7 @@ impl PendingFile {
         // on failure `self` drops here and removes the temporary file
         rename_into(&self.tmp, &self.dst, Durability::Data).map_err(|e| Error::Output {
             path: self.dst.clone(),
-            reason: e.source.to_string(),
+            reason: e.cause.to_string(),
         })?;
         std::mem::forget(self);
         Ok(())

@@ -47,8 +47,9 @@ const PUBLISH_OVERHEAD: usize = 1 + 4 + 2 + 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    // not `source`: the message holds the cause, and the CLI prints the chain
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
     #[error("outbox full ({entries} entries, {bytes} bytes pending); refusing new messages")]
     Full { entries: usize, bytes: u64 },
     #[error("mqtt config {key}: {reason}")]
@@ -75,7 +76,7 @@ impl LinkError {
     pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         LinkError::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 

@@ -384,7 +384,7 @@ fn read_seq_file(path: &Path) -> Result<u64, LinkError> {
 fn write_atomic(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<(), LinkError> {
     let tmp = dir.join(format!("{name}.{TMP_EXT}"));
     atomic_write::write_atomic(&tmp, &dir.join(name), parts, Durability::Full)
-        .map_err(|e| LinkError::io(&e.path, e.source))
+        .map_err(|e| LinkError::io(&e.path, e.cause))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LinkError> {

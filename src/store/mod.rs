@@ -38,8 +38,9 @@ const TMP_MARK: &str = "tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("file system error on {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    // not `source`: the message holds the cause, and the CLI prints the chain
+    #[error("file system error on {}: {cause}", path.display())]
+    Io { path: PathBuf, cause: io::Error },
     /// `name` is the rejected text, cut to 64 characters.
     #[error("invalid template name {name:?}: {reason}")]
     BadName { name: String, reason: &'static str },
@@ -89,7 +90,10 @@ impl TemplateStore {
             } else {
                 e
             };
-            return Err(StoreError::Io { path: dir, source });
+            return Err(StoreError::Io {
+                path: dir,
+                cause: source,
+            });
         }
         let store = Self { dir };
         store.remove_stale_temps()?;
@@ -119,7 +123,7 @@ impl TemplateStore {
             };
             StoreError::Io {
                 path,
-                source: e.source,
+                cause: e.cause,
             }
         })
     }
@@ -150,7 +154,12 @@ impl TemplateStore {
                     name: name.to_string(),
                 });
             }
-            Err(source) => return Err(StoreError::Io { path, source }),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path,
+                    cause: source,
+                });
+            }
         };
         let t = match Template::from_bytes(&bytes) {
             Ok(t) => t,
@@ -205,14 +214,17 @@ impl TemplateStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound {
                 name: name.to_string(),
             }),
-            Err(source) => Err(StoreError::Io { path, source }),
+            Err(source) => Err(StoreError::Io {
+                path,
+                cause: source,
+            }),
         }
     }
 
     fn read_dir(&self) -> Result<Vec<fs::DirEntry>, StoreError> {
         let io_err = |source| StoreError::Io {
             path: self.dir.clone(),
-            source,
+            cause: source,
         };
         fs::read_dir(&self.dir)
             .map_err(io_err)?
@@ -230,7 +242,12 @@ impl TemplateStore {
             let file = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(StoreError::Io { path, source }),
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path,
+                        cause: source,
+                    });
+                }
             };
             if let Err(TryLockError::WouldBlock) = file.try_lock() {
                 continue; // a live writer
@@ -238,7 +255,12 @@ impl TemplateStore {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(StoreError::Io { path, source }),
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path,
+                        cause: source,
+                    });
+                }
             }
         }
         Ok(())
@@ -248,7 +270,7 @@ impl TemplateStore {
     fn sync_dir(&self) -> Result<(), StoreError> {
         sync_dir(&self.dir).map_err(|source| StoreError::Io {
             path: self.dir.clone(),
-            source,
+            cause: source,
         })
     }
 }
@@ -325,7 +347,7 @@ mod tests {
     fn messages_are_one_line() {
         let e = StoreError::Io {
             path: "/x/a.tkt".into(),
-            source: io::Error::from(io::ErrorKind::StorageFull),
+            cause: io::Error::from(io::ErrorKind::StorageFull),
         };
         let s = e.to_string();
         assert!(s.contains("/x/a.tkt") && !s.contains('\n'), "{s}");
