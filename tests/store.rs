@@ -925,7 +925,10 @@ fn open_on_a_regular_file_is_an_io_error() {
     let file = tmp.path().join("plain-file");
     fs::write(&file, b"x").unwrap();
     match TemplateStore::open(&file) {
-        Err(StoreError::Io { path, cause: source }) => {
+        Err(StoreError::Io {
+            path,
+            cause: source,
+        }) => {
             assert_eq!(path, file);
             assert_eq!(source.kind(), std::io::ErrorKind::NotADirectory);
         }
@@ -1083,7 +1086,10 @@ fn enospc_child() {
     for n in ["keep", "fresh"] {
         let err = store.save(&crash_template(n, 2, 2_000_000)).unwrap_err();
         match &err {
-            StoreError::Io { path, cause: source } => {
+            StoreError::Io {
+                path,
+                cause: source,
+            } => {
                 assert_eq!(path, &store.path_of(&name(n)));
                 assert_eq!(source.raw_os_error(), Some(28), "{source}");
             }
