@@ -173,6 +173,11 @@ impl Mosquitto {
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
             dir.path().display()
         );
+        Some(Self::with_conf(bin, port, dir, &conf))
+    }
+
+    /// Writes `conf` into `dir` and starts the broker on it.
+    fn with_conf(bin: PathBuf, port: u16, dir: tempfile::TempDir, conf: &str) -> Mosquitto {
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
         let mut m = Mosquitto {
             port,
@@ -181,7 +186,7 @@ impl Mosquitto {
             child: None,
         };
         m.spawn();
-        Some(m)
+        m
     }
 
     /// Starts (or restarts) the broker and waits until it listens.
@@ -299,14 +304,6 @@ impl Mosquitto {
             "listener {port} 127.0.0.1\nmax_packet_size 16777216\n{conf}\nallow_anonymous false\n\
              persistence false\nuser root\nlog_dest stderr\nlog_type all\n"
         );
-        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
-        let mut m = Mosquitto {
-            port,
-            bin,
-            dir,
-            child: None,
-        };
-        m.spawn();
-        Some(m)
+        Some(Self::with_conf(bin, port, dir, &conf))
     }
 }
