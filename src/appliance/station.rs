@@ -504,34 +504,7 @@ impl Station {
                 mode,
                 image,
                 reverse,
-            } => {
-                self.load(&template)?;
-                match mode {
-                    ApplyMode::Image => {
-                        let bytes = image.unwrap_or_default();
-                        let frame = self.decode("image_jpeg_b64", &bytes)?;
-                        self.apply_to(&template, &id, reverse, frame)
-                    }
-                    ApplyMode::Next => {
-                        self.pending_next = Some((template, id.clone(), reverse));
-                        Ok(vec![event(
-                            Level::Info,
-                            "waiting",
-                            "applies to the next capture",
-                            Some(&id),
-                        )])
-                    }
-                    ApplyMode::Armed => {
-                        self.armed = Some((template, id.clone(), reverse));
-                        Ok(vec![event(
-                            Level::Info,
-                            "armed",
-                            "applies to every capture until disarm",
-                            Some(&id),
-                        )])
-                    }
-                }
-            }
+            } => self.apply(template, mode, image, reverse, id),
             Op::Disarm => {
                 self.armed = None;
                 self.pending_next = None;
@@ -539,46 +512,79 @@ impl Station {
             }
             Op::Approve { result } => self.decide(&result, ResultState::Approved),
             Op::Reject { result } => self.decide(&result, ResultState::Rejected),
-            Op::TemplatesList => {
-                let names = self
-                    .store
-                    .list()
-                    .map_err(|e| ("store_failed", e.to_string()))?
-                    .into_iter()
-                    .filter_map(|(n, t)| {
-                        t.ok().map(|t| TemplateInfo {
-                            name: n.to_string(),
-                            pairs: t.card.pairs,
-                            self_psnr_db: t.card.self_psnr_db,
-                            created_unix: t.created_unix,
-                        })
-                    })
-                    .collect();
-                Ok(vec![Outgoing::Templates {
-                    request_id: id,
-                    names,
-                }])
-            }
-            Op::TemplatesDelete { name } => {
-                self.store
-                    .remove(&Self::name(&name)?)
-                    .map_err(|e| ("unknown_template", e.to_string()))?;
-                if self.armed.as_ref().is_some_and(|a| a.0 == name) {
-                    self.armed = None;
-                }
-                let mut out = vec![event(
-                    Level::Info,
-                    "deleted",
-                    format!("deleted {name}"),
-                    Some(&id),
-                )];
-                out.extend(self.changed(&name));
-                Ok(out)
-            }
+            Op::TemplatesList => self.list(id),
+            Op::TemplatesDelete { name } => self.delete(&name, &id),
             Op::TemplatesInstall { template } => self.install_command(&template, &id),
             Op::TemplatesPublish { name } => self.publish(&name, admin, &id),
             Op::Status => Ok(vec![Outgoing::Status]),
         }
+    }
+
+    /// `apply`: to the image sent, or to the next capture, or to every capture until disarm.
+    fn apply(
+        &mut self,
+        template: String,
+        mode: ApplyMode,
+        image: Option<Vec<u8>>,
+        reverse: bool,
+        id: String,
+    ) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        self.load(&template)?;
+        let (code, message) = match mode {
+            ApplyMode::Image => {
+                let frame = self.decode("image_jpeg_b64", &image.unwrap_or_default())?;
+                return self.apply_to(&template, &id, reverse, frame);
+            }
+            ApplyMode::Next => {
+                self.pending_next = Some((template, id.clone(), reverse));
+                ("waiting", "applies to the next capture")
+            }
+            ApplyMode::Armed => {
+                self.armed = Some((template, id.clone(), reverse));
+                ("armed", "applies to every capture until disarm")
+            }
+        };
+        Ok(vec![event(Level::Info, code, message, Some(&id))])
+    }
+
+    /// `templates.list`: every readable template, on the `templates` topic.
+    fn list(&self, id: String) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        let names = self
+            .store
+            .list()
+            .map_err(|e| ("store_failed", e.to_string()))?
+            .into_iter()
+            .filter_map(|(n, t)| {
+                t.ok().map(|t| TemplateInfo {
+                    name: n.to_string(),
+                    pairs: t.card.pairs,
+                    self_psnr_db: t.card.self_psnr_db,
+                    created_unix: t.created_unix,
+                })
+            })
+            .collect();
+        Ok(vec![Outgoing::Templates {
+            request_id: id,
+            names,
+        }])
+    }
+
+    /// `templates.delete`: disarms it if armed.
+    fn delete(&mut self, name: &str, id: &str) -> Result<Vec<Outgoing>, (&'static str, String)> {
+        self.store
+            .remove(&Self::name(name)?)
+            .map_err(|e| ("unknown_template", e.to_string()))?;
+        if self.armed.as_ref().is_some_and(|a| a.0 == name) {
+            self.armed = None;
+        }
+        let mut out = vec![event(
+            Level::Info,
+            "deleted",
+            format!("deleted {name}"),
+            Some(id),
+        )];
+        out.extend(self.changed(name));
+        Ok(out)
     }
 
     fn decide(
