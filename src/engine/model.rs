@@ -76,6 +76,40 @@ struct ModelMeta {
     layout: Vec<(String, Vec<usize>)>,
 }
 
+impl ModelMeta {
+    /// Checks that the model is the one this build's Rust stages were written for, and returns
+    /// the offset of the grid's global coefficient offset inside the template vector.
+    fn check(&self) -> std::result::Result<usize, String> {
+        let expect = [
+            (self.thumb, THUMB, "thumb"),
+            (self.patch, PATCH, "patch"),
+            (self.grid, GRID, "grid"),
+            (self.lbins, LBINS, "lbins"),
+            (self.k, K, "k"),
+            (self.hues, HUES, "hues"),
+        ];
+        if let Some((got, want, key)) = expect.into_iter().find(|(got, want, _)| got != want) {
+            return Err(format!(
+                "{key} is {got}, this build expects {want}: rebuild takumi for this model"
+            ));
+        }
+        if self.sigmas != SIGMAS {
+            return Err("filter-bank sigmas differ from this build".into());
+        }
+        let mut offset_at = None;
+        let mut n = 0;
+        for (name, shape) in &self.layout {
+            if name == "offset" {
+                offset_at = Some(n);
+            }
+            n += shape.iter().product::<usize>();
+        }
+        offset_at
+            .filter(|_| n == self.template_len)
+            .ok_or_else(|| "template layout has no offset or a wrong length".into())
+    }
+}
+
 type Plan = Arc<TypedRunnableModel>;
 
 /// Specialised backbone plans kept at once: a station arms one template and applies it to every
@@ -205,46 +239,7 @@ impl Models {
         let meta_bytes = std::fs::read(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
         let meta: ModelMeta =
             serde_json::from_slice(&meta_bytes).map_err(|e| model_err(&meta_path, e))?;
-        let expect = [
-            (meta.thumb, THUMB, "thumb"),
-            (meta.patch, PATCH, "patch"),
-            (meta.grid, GRID, "grid"),
-            (meta.lbins, LBINS, "lbins"),
-            (meta.k, K, "k"),
-            (meta.hues, HUES, "hues"),
-        ];
-        for (got, want, key) in expect {
-            if got != want {
-                return Err(model_err(
-                    &meta_path,
-                    format!(
-                        "{key} is {got}, this build expects {want}: rebuild takumi for this model"
-                    ),
-                ));
-            }
-        }
-        if meta.sigmas != SIGMAS {
-            return Err(model_err(
-                &meta_path,
-                "filter-bank sigmas differ from this build",
-            ));
-        }
-        let mut offset_at = None;
-        let mut n = 0;
-        for (name, shape) in &meta.layout {
-            if name == "offset" {
-                offset_at = Some(n);
-            }
-            n += shape.iter().product::<usize>();
-        }
-        let offset_at = offset_at
-            .filter(|_| n == meta.template_len)
-            .ok_or_else(|| {
-                model_err(
-                    &meta_path,
-                    "template layout has no offset or a wrong length",
-                )
-            })?;
+        let offset_at = meta.check().map_err(|e| model_err(&meta_path, e))?;
 
         let suffix = match precision {
             Precision::Float | Precision::F16 => "",
@@ -491,4 +486,36 @@ fn to_vec(v: &TValue, dir: &Path) -> Result<Vec<f32>> {
         .to_plain_array_view::<f32>()
         .map_err(|e| model_err(dir, format!("output is not f32: {e}")))?;
     Ok(view.iter().copied().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> ModelMeta {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/model.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_model_for_another_build_is_refused_with_the_key_that_differs() {
+        let ok = shipped().check().unwrap();
+        assert!(ok > 0 && ok < shipped().template_len);
+        let mut m = shipped();
+        m.k += 1;
+        let e = m.check().unwrap_err();
+        assert!(
+            e.starts_with(&format!("k is {}, this build expects {K}", K + 1)),
+            "{e}"
+        );
+        let mut m = shipped();
+        m.sigmas[0] += 0.5;
+        assert!(m.check().unwrap_err().contains("sigmas"));
+        let mut m = shipped();
+        m.template_len += 1;
+        assert!(m.check().unwrap_err().contains("wrong length"));
+        let mut m = shipped();
+        m.layout.retain(|(name, _)| name != "offset");
+        assert!(m.check().unwrap_err().contains("no offset"));
+    }
 }
