@@ -7,7 +7,7 @@
 //! then position: u, v, r2, r2^2, r2^3, and each of u, v, r2, r2^2, r2^3 times the colour
 //! (u, v in [-1, 1] across the frame; r2 = (u^2 + v^2) / 2, 1 in the corners).
 
-use super::filterbank::{Blurs, blur_plane, gauss_kernel};
+use super::filterbank::{Blurs, blur_into, blur_plane, gauss_kernel};
 use super::par;
 use crate::Frame;
 
@@ -42,10 +42,16 @@ pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
     }
     let (w, h) = (f.width, f.height);
     let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
-    let per = |k: &[f32]| std::array::from_fn(|c| blur_plane(f.plane(c), w, h, k, threads));
+    let mut fine: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; w * h]);
+    let mut mid: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; w * h]);
+    let [f0, f1, f2] = &mut fine;
+    let [m0, m1, m2] = &mut mid;
+    let outs = [f0, f1, f2, m0, m1, m2].map(|v| v.as_mut_slice());
+    let srcs = [f.plane(0), f.plane(1), f.plane(2)];
+    blur_into(&srcs, w, h, &k1, &k2, outs, threads);
     let wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
     Planes {
-        blurs: vec![per(&k1), per(&k2), wide],
+        blurs: vec![fine, mid, wide],
     }
 }
 

@@ -6,9 +6,13 @@
 //! [`chosen`] asks the same dispatcher the convolutions use (`MmmDispatch::native().pick`) for
 //! the shapes of our models, and [`plan_kernels`] reads the kernels an optimised model really
 //! holds. `takumi` logs [`chosen`] at start-up at debug level (`TAKUMI_LOG=debug`).
+//!
+//! The full-resolution stages (blurs, slicing) run on pulp's SIMD, which probes the CPU the same
+//! way: [`simd`] runs them, and [`stage_isa`] names what it picked.
 
 use std::fmt;
 
+use pulp::WithSimd;
 use tract_linalg::isa::IsaSet;
 use tract_linalg::mmm::Query;
 use tract_linalg::{Func, MmmDispatch, routines};
@@ -45,6 +49,37 @@ pub struct Chosen {
     pub mmm_i8: Option<String>,
     /// f32 routines: (function, kernel).
     pub routines: Vec<(&'static str, &'static str)>,
+    /// The SIMD of the blurs and slicing ([`stage_isa`]).
+    pub stages: &'static str,
+}
+
+/// Runs a full-resolution pass on the widest SIMD this CPU has (pulp's run-time detection:
+/// AVX-512, AVX2+FMA, NEON), or on pulp's scalar path (one lane) on other CPUs and for rows
+/// narrower than the widest vector, `filterbank::MAX_LANES`.
+pub(crate) fn simd<Op: WithSimd>(row_len: usize, op: Op) -> Op::Output {
+    if row_len < super::filterbank::MAX_LANES {
+        op.with_simd(pulp::Scalar)
+    } else {
+        pulp::Arch::new().dispatch(op)
+    }
+}
+
+/// What [`simd`] runs on, on rows as wide as a frame.
+pub fn stage_isa() -> &'static str {
+    struct Name;
+    impl WithSimd for Name {
+        type Output = &'static str;
+        fn with_simd<S: pulp::Simd>(self, _: S) -> &'static str {
+            match S::F32_LANES {
+                16 => "avx512",
+                8 => "avx2+fma",
+                4 if cfg!(target_arch = "aarch64") => "neon",
+                1 => "scalar",
+                _ => "simd",
+            }
+        }
+    }
+    simd(usize::MAX, Name)
 }
 
 fn pick(dispatch: &MmmDispatch, acc: DatumType, n: usize) -> Option<String> {
@@ -80,6 +115,7 @@ pub fn chosen() -> Chosen {
                 routines::best_for(*f, DatumType::F32, &isa).map(|r| (f.name(), r.name()))
             })
             .collect(),
+        stages: stage_isa(),
     }
 }
 
@@ -100,7 +136,7 @@ impl fmt::Display for Chosen {
         for (func, kernel) in &self.routines {
             write!(f, ", {func} {kernel}")?;
         }
-        Ok(())
+        write!(f, "; blurs and slicing on {}", self.stages)
     }
 }
 

@@ -6,17 +6,40 @@ pub fn rows<F>(out: &mut [f32], row_len: usize, threads: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    let n_rows = out.len() / row_len.max(1);
+    planes([out], row_len, threads, |y0, [band]| f(y0, band));
+}
+
+/// [`rows`] over `P` planes of the same shape at once: `f(first_row, bands)` gets the same rows
+/// of every plane, so one pass can write several outputs (the blurs' six planes, slicing's three).
+pub fn planes<const P: usize, F>(outs: [&mut [f32]; P], row_len: usize, threads: usize, f: F)
+where
+    F: Fn(usize, [&mut [f32]; P]) + Sync,
+{
+    let n_rows = outs.first().map_or(0, |o| o.len() / row_len.max(1));
     let threads = threads.clamp(1, n_rows.max(1));
     if threads == 1 {
-        f(0, out);
+        f(0, outs);
         return;
     }
     let band = n_rows.div_ceil(threads);
+    let mut chunks = outs.map(|o| o.chunks_mut(band * row_len));
     std::thread::scope(|s| {
-        for (i, chunk) in out.chunks_mut(band * row_len).enumerate() {
+        for i in 0..threads {
+            let Some(bands) = next_all(&mut chunks) else {
+                break;
+            };
             let f = &f;
-            s.spawn(move || f(i * band, chunk));
+            s.spawn(move || f(i * band, bands));
         }
     });
+}
+
+/// The next band of every plane, or None once any plane has run out.
+fn next_all<'a, const P: usize>(
+    chunks: &mut [std::slice::ChunksMut<'a, f32>; P],
+) -> Option<[&'a mut [f32]; P]> {
+    let next = chunks.each_mut().map(|c| c.next());
+    next.iter()
+        .all(Option::is_some)
+        .then(|| next.map(Option::unwrap))
 }
