@@ -65,23 +65,22 @@ impl Frame {
     }
 
     pub fn to_rgb8(&self) -> Vec<u8> {
-        let n = self.width * self.height;
-        let mut out = vec![0u8; 3 * n];
-        for i in 0..n {
-            for c in 0..3 {
-                out[3 * i + c] = (self.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8;
-            }
-        }
-        out
+        self.to_interleaved()
     }
 
     /// 16-bit RGB, row-major interleaved: what a 16-bit PNG is written from.
     pub fn to_rgb16(&self) -> Vec<u16> {
+        self.to_interleaved()
+    }
+
+    /// Row-major interleaved RGB samples, rounded to the nearest level.
+    fn to_interleaved<T: Sample>(&self) -> Vec<T> {
         let n = self.width * self.height;
-        let mut out = vec![0u16; 3 * n];
+        let mut out = vec![T::from_f32(0.0); 3 * n];
         for i in 0..n {
             for c in 0..3 {
-                out[3 * i + c] = (self.data[c * n + i].clamp(0.0, 1.0) * 65535.0).round() as u16;
+                out[3 * i + c] =
+                    T::from_f32((self.data[c * n + i].clamp(0.0, 1.0) * T::MAX).round());
             }
         }
         out
@@ -125,6 +124,8 @@ pub trait Sample: Copy {
     /// The sample's full scale, which maps to 1.0.
     const MAX: f32;
     fn to_f32(self) -> f32;
+    /// From a value already rounded and within 0..=MAX.
+    fn from_f32(v: f32) -> Self;
 }
 
 impl Sample for u8 {
@@ -132,12 +133,18 @@ impl Sample for u8 {
     fn to_f32(self) -> f32 {
         f32::from(self)
     }
+    fn from_f32(v: f32) -> Self {
+        v as u8
+    }
 }
 
 impl Sample for u16 {
     const MAX: f32 = 65535.0;
     fn to_f32(self) -> f32 {
         f32::from(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        v as u16
     }
 }
 
