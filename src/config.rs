@@ -374,6 +374,11 @@ impl Config {
     pub fn topic_root(&self) -> String {
         format!("{}/{}", self.station.prefix, self.station.id)
     }
+
+    /// `<prefix>/<id>/admin`: commands that only the operator may send (`templates.publish`).
+    pub fn admin_topic(&self) -> String {
+        format!("{}/admin", self.topic_root())
+    }
 }
 
 /// The dotted key at a TOML error's position, so the message names it even when serde's does not.

@@ -244,7 +244,7 @@ impl Fleet {
         Ok(Fleet {
             keys,
             signer: cfg.station.id.clone(),
-            admin_topic: format!("{}/admin", cfg.topic_root()),
+            admin_topic: cfg.admin_topic(),
             state,
             path,
         })

@@ -204,7 +204,7 @@ async fn connect(
     });
     let (link, incoming) =
         MqttLink::start_with_urgent(mc, Arc::new(outbox), urgent).map_err(link_err)?;
-    for topic in [&cmd, &admin_topic(cfg)] {
+    for topic in [&cmd, &cfg.admin_topic()] {
         link.subscribe(topic, QoS::AtLeastOnce)
             .await
             .map_err(link_err)?;
@@ -221,11 +221,6 @@ async fn connect(
 /// The link's packet limit: room for the largest command, and for fleet templates.
 fn link_limit(cfg: &Config) -> usize {
     cfg.station.max_payload_bytes.max(8 << 20) + 4096
-}
-
-/// `<prefix>/<id>/admin`: commands that only the operator may send (`templates.publish`).
-fn admin_topic(cfg: &Config) -> String {
-    format!("{}/admin", cfg.topic_root())
 }
 
 fn fleet_prefix(cfg: &Config) -> String {
@@ -369,7 +364,7 @@ impl Service {
         let events = EventQueue::start(link.publisher(), format!("{root}/event"), drops.clone());
         let router = Router::new(Bounds {
             cmd_topic: format!("{root}/cmd"),
-            admin_topic: admin_topic(&cfg),
+            admin_topic: cfg.admin_topic(),
             fleet_prefix: fleet_prefix(&cfg),
             max_payload_bytes: cfg.station.max_payload_bytes,
             link_limit: link_limit(&cfg),

@@ -12,7 +12,7 @@ use super::protocol::{
     ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, TemplateInfo, parse_command,
     request_id,
 };
-use crate::capture::file::{decode_image, decode_scaled, fit_pixels};
+use crate::capture::file::{decode_image, decode_scaled, scale_for_learn};
 use crate::capture::{FrameSource, ImageLimits, Scaled};
 use crate::config::QualityConfig;
 use crate::display::RgbImage8;
@@ -113,16 +113,7 @@ fn event(
 /// A capture as learn works on it: downscaled, like a sent image, when it has more pixels than
 /// learn's memory budget holds (a 4K camera).
 fn for_learn(f: &Frame) -> Scaled {
-    let (w, h) = (f.width as u32, f.height as u32);
-    let (tw, th) = fit_pixels((w, h), Engine::learn_max_px(1));
-    let frame = match (tw, th) == (w, h) {
-        true => f.clone(),
-        false => f.resized(tw as usize, th as usize),
-    };
-    Scaled {
-        frame,
-        original: (w, h),
-    }
+    scale_for_learn(f, Engine::learn_max_px(1))
 }
 
 /// The event of a fleet payload refused before its template is read.

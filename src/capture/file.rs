@@ -315,6 +315,23 @@ pub fn fit_pixels((w, h): (u32, u32), max_px: u64) -> (u32, u32) {
     (side(w), side(h))
 }
 
+/// A frame (a camera's capture) as learn works on it: area-averaged down to at most `max_px`
+/// pixels, like an image file in [`decode_scaled`].
+pub fn scale_for_learn(f: &Frame, max_px: u64) -> Scaled {
+    let (w, h) = (f.width as u32, f.height as u32);
+    let (tw, th) = fit_pixels((w, h), max_px);
+    let frame = match image::RgbImage::from_raw(w, h, f.to_rgb8()) {
+        Some(img) if (tw, th) != (w, h) => {
+            Image::from_dynamic(DynamicImage::ImageRgb8(img).thumbnail_exact(tw, th)).frame
+        }
+        _ => f.clone(),
+    };
+    Scaled {
+        frame,
+        original: (w, h),
+    }
+}
+
 /// [`load_for_learn`] on bytes. Downscaling comes before turning upright, so the full-size
 /// image is never copied; the two commute.
 pub fn decode_scaled(bytes: &[u8], limits: &ImageLimits, max_px: u64) -> Result<Scaled> {
