@@ -11,7 +11,8 @@ from PIL import Image
 import edits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CACHE = os.path.join(HERE, ".cache", "photos")
+# TAKUMI_PHOTOS: another folder of the same photos (gpu_pack.sh makes one, pre-scaled to LOAD_SIDE, to travel)
+CACHE = os.environ.get("TAKUMI_PHOTOS") or os.path.join(HERE, ".cache", "photos")
 LOAD_SIDE = 512  # photos are held in memory at this size; crops are taken after a random rescale
 
 

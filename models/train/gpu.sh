@@ -3,13 +3,13 @@
 # there). Nothing is downloaded: the photos and the warm-start checkpoint travel in the working tree.
 #
 #   bash models/train/gpu.sh                       # on the GPU machine (PyTorch with CUDA installed)
-#   DEVICE=cpu STEPS=3 BATCH=2 CROP=96 OUT=runs/gpu-smoke MODELS_DIR=/tmp/gpu-smoke \
+#   DEVICE=cpu STEPS=3 BATCH=2 CROP=96 RUN=runs/gpu-smoke MODELS_DIR=/tmp/gpu-smoke \
 #     GOLDEN_DIR=/tmp/gpu-smoke/golden bash models/train/gpu.sh   # the same path on a CPU (smoke test)
 #
-# Needs models/train/.cache/photos (fetch_photos.py) and a checkpoint to start from, INIT
+# Needs models/train/.cache/photos (fetch_photos.py; or TAKUMI_PHOTOS, which gpu_pack.sh fills) and a checkpoint to start from, INIT
 # (default runs/warm.pt; warmstart.py makes one from the committed ONNX models). Writes
-# $OUT/ckpt.pt and $OUT/log.jsonl; with OUT_COPY set (for example $OUT of the device tool) also copies
-# them there. Exports to models/ only when onnx, onnxscript and onnxruntime import; otherwise it
+# $RUN/ckpt.pt and $RUN/log.jsonl; with OUT_COPY set (for example $OUT of the device tool) also writes
+# the weights (weights.pt) and the log there. Exports to models/ only when onnx, onnxscript and onnxruntime import; otherwise it
 # prints the export command to run where they do.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,12 +21,15 @@ BATCH=${BATCH:-48}
 CROP=${CROP:-256}
 LR=${LR:-5e-4}            # warm start: a gentler rate than from scratch
 INIT=${INIT:-runs/warm.pt}
-OUT=${OUT:-runs/gpu}
-THREADS=${THREADS:-$(nproc)}  # CPU threads for synthesising quads
+RUN=${RUN:-runs/gpu}     # not OUT: the device tool sets OUT to its own result folder
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 0 ))}  # processes synthesising quads (a GPU outruns one)
+THREADS=${THREADS:-2}     # torch threads of the training process itself
+EXPORT=${EXPORT:-1}       # 0: train only (export where the checkpoint lands, with export.py)
 MODELS_DIR=${MODELS_DIR:-..}  # the export's destination: the committed models by default
 GOLDEN_DIR=${GOLDEN_DIR:-../../tests/fixtures/golden}
 
-[ -d .cache/photos ] && [ -n "$(ls .cache/photos)" ] || { echo "error: no photos in models/train/.cache/photos" >&2; exit 2; }
+PHOTOS=${TAKUMI_PHOTOS:-.cache/photos}
+[ -d "$PHOTOS" ] && [ -n "$(ls "$PHOTOS")" ] || { echo "error: no photos in $PHOTOS" >&2; exit 2; }
 if [ ! -f "$INIT" ]; then
   echo "$INIT missing: rebuilding it from the committed ONNX models" >&2
   "$PY" warmstart.py --out "$INIT"
@@ -38,18 +41,23 @@ if d.startswith("cuda") and not torch.cuda.is_available():
     sys.exit(f"error: DEVICE={d} but torch {torch.__version__} sees no CUDA device")
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0) if d.startswith('cuda') else 'cpu'}", flush=True)
 EOF
-mkdir -p "$OUT"
-rm -f "$OUT/ckpt.pt" "$OUT/log.jsonl"
+mkdir -p "$RUN"
+rm -f "$RUN/ckpt.pt" "$RUN/log.jsonl"
 t0=$(date +%s)
-"$PY" train.py --out "$OUT" --init "$INIT" --device "$DEVICE" --threads "$THREADS" \
+"$PY" train.py --out "$RUN" --init "$INIT" --device "$DEVICE" --threads "$THREADS" --workers "$WORKERS" \
   --batch "$BATCH" --crop "$CROP" --lr "$LR" --minutes "$MINUTES" --steps "$STEPS"
-echo "trained in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/log.jsonl")"
+echo "trained in $(( $(date +%s) - t0 )) s: $(tail -1 "$RUN/log.jsonl")"
 if [ -n "${OUT_COPY:-}" ]; then
-  cp "$OUT/ckpt.pt" "$OUT/log.jsonl" "$OUT_COPY/"
+  # weights only: with Adam's state the checkpoint is over the 16 MiB a returned file may be
+  "$PY" -c "import sys, torch; ck = torch.load(sys.argv[1], weights_only=False, map_location='cpu'); \
+torch.save({k: ck[k] for k in ('step', 'elapsed', 'hyper', 'backbone', 'args')}, sys.argv[2])" "$RUN/ckpt.pt" "$OUT_COPY/weights.pt"
+  cp "$RUN/log.jsonl" "$OUT_COPY/"
 fi
-if "$PY" -c "import onnx, onnxscript, onnxruntime, safetensors" 2>/dev/null; then
-  "$PY" export.py --ckpt "$OUT/ckpt.pt" --models-dir "$MODELS_DIR" --golden-dir "$GOLDEN_DIR"
+if [ "$EXPORT" = 0 ]; then
+  echo "export skipped (EXPORT=0)" >&2
+elif "$PY" -c "import onnx, onnxscript, onnxruntime, safetensors" 2>/dev/null; then
+  "$PY" export.py --ckpt "$RUN/ckpt.pt" --models-dir "$MODELS_DIR" --golden-dir "$GOLDEN_DIR"
 else
   echo "export skipped (onnx/onnxscript/onnxruntime not installed here): run" >&2
-  echo "  models/train/.venv/bin/python models/train/export.py --ckpt models/train/$OUT/ckpt.pt" >&2
+  echo "  models/train/.venv/bin/python models/train/export.py --ckpt models/train/$RUN/ckpt.pt" >&2
 fi

@@ -160,7 +160,7 @@ def slice_points(x, f, grid, pts):
     g = F.grid_sample(grid, pts.unsqueeze(1), mode="bilinear", padding_mode="border", align_corners=False)
     g = g.view(n, LBINS, 3, K, p)
     y = (LUMA[0] * x[:, 0] + LUMA[1] * x[:, 1] + LUMA[2] * x[:, 2]).clamp(0, 1) * (LBINS - 1)
-    centres = torch.arange(LBINS, dtype=x.dtype).view(1, -1, 1)
+    centres = torch.arange(LBINS, dtype=x.dtype, device=x.device).view(1, -1, 1)
     wl = F.relu(1 - (y.unsqueeze(1) - centres).abs())  # (N,L,P)
     coef = (g * wl.view(n, LBINS, 1, 1, p)).sum(1)  # (N,3,K,P)
     return x + (coef * f.unsqueeze(1)).sum(2)

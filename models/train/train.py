@@ -3,6 +3,7 @@
     python models/train/train.py --out models/train/runs/main            # from scratch
     python models/train/train.py --out models/train/runs/main --resume   # continue from ckpt.pt
     python models/train/train.py --out runs/ablation --reverse-weight 0  # the ablation
+    python models/train/train.py --out runs/gpu --device cuda --workers 14  # quads made by 14 processes (gpu.sh)
     python models/train/train.py --pairs DIR --init runs/main/ckpt.pt --out runs/plant
                                                 # pairs-only fine-tuning, flipped pair as query
 """
@@ -44,6 +45,35 @@ def losses(hyper, backbone, quad, reverse_weight, gen=None):
     return l_fwd, l_rev
 
 
+class QuadStream(torch.utils.data.IterableDataset):
+    """Synthetic batches made in worker processes, so a GPU is not left waiting on the CPU's quads.
+    Each worker draws from its own seed; the batches are not reproducible across runs as in-process ones are."""
+
+    def __init__(self, photos, batch, crop, seed):
+        self.photos, self.batch, self.crop, self.seed = photos, batch, crop, seed
+
+    def __iter__(self):
+        wid = torch.utils.data.get_worker_info().id
+        torch.set_num_threads(1)
+        rng = random.Random(self.seed * 1000 + wid)
+        gen = torch.Generator().manual_seed(self.seed * 1000 + wid)
+        while True:
+            yield data.synthetic_quads(self.photos, self.batch, self.crop, rng, gen)
+
+
+def next_quads(stream, args, source, rng, gen):
+    """The next batch: from the worker stream if there is one, else made here. Returns it and the stream."""
+    if stream is not None:
+        try:
+            return next(stream), stream
+        except RuntimeError as e:  # a worker killed (say, shared memory too small): carry on in-process
+            print(f"warning: quad workers failed ({e}); making quads in the training process", flush=True)
+            torch.set_num_threads(max(args.threads, os.cpu_count() or 1))
+    if args.pairs:
+        return data.pair_quads(source, args.batch, args.crop, rng), None
+    return data.synthetic_quads(source, args.batch, args.crop, rng, gen), None
+
+
 def save(path, step, elapsed, hyper, backbone, opt, rng, args):
     tmp = path + ".tmp"
     torch.save(dict(step=step, elapsed=elapsed, hyper=hyper.state_dict(), backbone=backbone.state_dict(), opt=opt.state_dict(),
@@ -63,6 +93,7 @@ def main():
     ap.add_argument("--reverse-weight", type=float, default=0.5, help="lambda of the LoRA Reverse term")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (gpu.sh)")
+    ap.add_argument("--workers", type=int, default=0, help="processes making synthetic quads (0: in the training loop)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     ap.add_argument("--snapshot-at", type=int, default=0, help="also keep OUT/ckpt_<step>.pt at this step")
@@ -80,6 +111,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
 
     hyper, backbone = build()
+    pairs = photos = None
     if args.pairs:
         pairs = data.load_pairs(args.pairs)
         args.freeze_backbone = True
@@ -125,16 +157,19 @@ def main():
             p = max(p, (time.time() - start) / (60 * args.minutes))
         return min(p, 1.0)
 
+    stream = None
+    if args.workers and not args.pairs:
+        loader = torch.utils.data.DataLoader(QuadStream(photos, args.batch, args.crop, args.seed + step),
+                                             batch_size=None, num_workers=args.workers, prefetch_factor=2,
+                                             pin_memory=dev.type == "cuda")
+        stream = iter(loader)
     while progress() < 1.0:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * progress()))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.no_grad():
-            if args.pairs:
-                quad = data.pair_quads(pairs, args.batch, args.crop, rng)
-            else:
-                quad = data.synthetic_quads(photos, args.batch, args.crop, rng, gen)
-            quad = tuple(t.to(dev) for t in quad)
+            quad, stream = next_quads(stream, args, pairs if args.pairs else photos, rng, gen)
+            quad = tuple(t.to(dev, non_blocking=True) for t in quad)
         l_fwd, l_rev = losses(hyper, backbone, quad, args.reverse_weight, gen)
         loss = l_fwd + args.reverse_weight * l_rev
         opt.zero_grad()

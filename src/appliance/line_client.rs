@@ -32,6 +32,7 @@ impl LineClient {
         opts.set_max_packet_size(64 << 20, 64 << 20);
         opts.set_keep_alive(Duration::from_secs(30));
         let (client, mut ev) = AsyncClient::new(opts, 64);
+        crate::publish::mqtt::no_delay(&mut ev);
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             while let Ok(e) = ev.poll().await {

@@ -393,7 +393,8 @@ impl MqttLink {
         let options = mqtt_options(&cfg)?;
         let window = cfg.inflight as usize;
         // Room for the durable window plus volatile messages and subscriptions.
-        let (client, eventloop) = AsyncClient::new(options, window + 64);
+        let (client, mut eventloop) = AsyncClient::new(options, window + 64);
+        no_delay(&mut eventloop);
         let (tx, rx) = mpsc::channel(cfg.incoming_capacity.saturating_add(URGENT_SLOTS));
         let shared = Arc::new(Shared::default());
         let driver = runtime.spawn(drive(
@@ -839,6 +840,14 @@ fn on_connack(
 }
 
 /// Forgets the connection: our pkid map, and rumqttc's retransmissions (the outbox resends).
+/// Sends each packet at once: with Nagle's algorithm a small packet (a PUBACK, a short event)
+/// waits for the peer's delayed ACK, up to 40 ms on Linux, which was most of trigger -> result.
+pub fn no_delay(el: &mut EventLoop) {
+    let mut net = el.network_options();
+    net.set_tcp_nodelay(true);
+    el.set_network_options(net);
+}
+
 fn drop_connection(el: &mut EventLoop, sh: &Shared) {
     let mut t = sh.lock();
     t.reset_connection();

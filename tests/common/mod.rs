@@ -169,7 +169,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let conf = format!(
             "listener {port} 127.0.0.1\n{extra}\nallow_anonymous true\npersistence {persistence}\n\
-             persistence_location {}/\nautosave_interval 1\nuser root\nlog_dest stderr\n\
+             persistence_location {}/\nautosave_interval 1\nuser root\nset_tcp_nodelay true\nlog_dest stderr\n\
              log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
             dir.path().display()
         );
