@@ -4,6 +4,7 @@
 //! figure is what a user pays.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
 
 use crate::capture::{Image, read_image};
 use crate::config::Config;
@@ -29,15 +30,44 @@ pub struct Job<'a> {
     pub reverse: bool,
 }
 
-/// How an input went: made (with its line and any warning), or unreadable (it could not be
-/// decoded).
-enum Step {
-    Made(PendingFile, String, Option<String>),
-    Unreadable(Error),
+/// Inputs decoded, and outputs waiting to be encoded, ahead of the frame being applied.
+const AHEAD: usize = 2;
+
+/// An applied frame on its way to the encoder: its position among the inputs, where it goes and
+/// as what.
+struct Made {
+    index: usize,
+    out: Image,
+    output: PathBuf,
+    kind: ImageKind,
+}
+
+/// What [`render`] gathers as it goes; assembled into a [`Rendered`] or the error at the end.
+#[derive(Default)]
+struct Tally {
+    lines: Vec<(String, Option<String>)>,
+    unreadable: Vec<Error>,
+    /// the first error that is not an unreadable input, with the input it came from
+    other: Option<(usize, Error)>,
+}
+
+impl Tally {
+    fn failed(&self) -> bool {
+        !self.unreadable.is_empty() || self.other.is_some()
+    }
+
+    fn fail(&mut self, index: usize, e: Error) {
+        if self.other.as_ref().is_none_or(|(i, _)| index < *i) {
+            self.other = Some((index, e));
+        }
+    }
 }
 
 /// Applies the job to every (input, output) pair; `progress` is called after each input.
 ///
+/// Three stages overlap on their own threads: decoding the next inputs, applying this one, and
+/// encoding and writing the last ones, so a frame costs about its slowest stage rather than
+/// the sum (decoding and encoding are single-threaded and together cost more than the apply).
 /// Every input is read even after one fails, so the error names each unreadable one; after a
 /// failure the rest are only decoded, since nothing will be written. Unreadable inputs take
 /// precedence over other errors, as they are what the user can fix first.
@@ -46,26 +76,67 @@ pub fn render(
     files: &[(PathBuf, PathBuf)],
     mut progress: impl FnMut(),
 ) -> Result<Rendered> {
+    let limits = &job.cfg.limits;
+    let (mut tally, written) = std::thread::scope(|s| {
+        let (decoded_tx, decoded) = sync_channel(AHEAD);
+        s.spawn(move || {
+            for (input, _) in files {
+                if decoded_tx.send(read_image(input, limits)).is_err() {
+                    break;
+                }
+            }
+        });
+        let (made_tx, made_rx) = sync_channel::<Made>(AHEAD);
+        let writer = s.spawn(move || {
+            made_rx
+                .iter()
+                .map(|m| (m.index, write(&m.out, &m.output, m.kind)))
+                .collect::<Vec<_>>()
+        });
+        let mut tally = Tally::default();
+        for (index, ((input, output), img)) in files.iter().zip(decoded).enumerate() {
+            match img {
+                Err(e) => tally.unreadable.push(e),
+                Ok(_) if tally.failed() => {}
+                Ok(img) => match apply_one(job, input, output, img) {
+                    Ok((out, kind, line)) => {
+                        tally.lines.push(line);
+                        let made = Made {
+                            index,
+                            out,
+                            output: output.clone(),
+                            kind,
+                        };
+                        if made_tx.send(made).is_err() {
+                            break; // the writer stopped: only a panic there does that
+                        }
+                    }
+                    Err(e) => tally.fail(index, e),
+                },
+            }
+            progress();
+        }
+        drop(made_tx);
+        (tally, writer.join())
+    });
+    let written = written.map_err(|_| Error::Invalid("the image writer thread panicked".into()))?;
     let mut batch = Batch::default();
-    let mut lines = Vec::with_capacity(files.len());
+    let mut lines = Vec::with_capacity(written.len());
     let mut warnings = Vec::new();
-    let mut unreadable = Vec::new();
-    let mut other: Option<Error> = None;
-    for (i, o) in files {
-        let failed = !unreadable.is_empty() || other.is_some();
-        match step(job, i, o, failed) {
-            Ok(Some(Step::Made(f, line, warning))) => {
+    for ((index, file), (line, warning)) in
+        written.into_iter().zip(std::mem::take(&mut tally.lines))
+    {
+        match file {
+            Ok(f) => {
                 batch.push(f);
                 lines.push(line);
                 warnings.extend(warning);
             }
-            Ok(Some(Step::Unreadable(e))) => unreadable.push(e),
-            Ok(None) => {}
-            Err(e) => other = other.or(Some(e)),
+            Err(e) => tally.fail(index, e),
         }
-        progress();
     }
-    if let Some(e) = failures(files.len(), unreadable).or(other) {
+    let other = tally.other.map(|(_, e)| e);
+    if let Some(e) = failures(files.len(), tally.unreadable).or(other) {
         return Err(e);
     }
     Ok(Rendered {
@@ -75,15 +146,14 @@ pub fn render(
     })
 }
 
-/// Decodes one input, and unless an earlier input `failed`, applies, encodes and writes it.
-fn step(job: &Job, input: &Path, output: &Path, failed: bool) -> Result<Option<Step>> {
-    let img = match read_image(input, &job.cfg.limits) {
-        Ok(img) => img,
-        Err(e) => return Ok(Some(Step::Unreadable(e))),
-    };
-    if failed {
-        return Ok(None);
-    }
+/// Applies the edit to one decoded input: the output image (the edit applies to the colours;
+/// the alpha and depth go to the output as they came), its format, and its line and warning.
+fn apply_one(
+    job: &Job,
+    input: &Path,
+    output: &Path,
+    img: Image,
+) -> Result<(Image, ImageKind, (String, Option<String>))> {
     let kind = ImageKind::from_path(output).unwrap_or(ImageKind::Png);
     let warning = lost_in(&img, kind).map(|lost| {
         let it = if lost.contains(" and ") { "them" } else { "it" };
@@ -95,18 +165,6 @@ fn step(job: &Job, input: &Path, output: &Path, failed: bool) -> Result<Option<S
         )
     });
     let line = line(job, input, output, &img.frame);
-    let made = make(job, input, output, img, kind)?;
-    Ok(Some(Step::Made(made, line, warning)))
-}
-
-/// The edit applies to the colours; the alpha and depth go to the output as they came.
-fn make(
-    job: &Job,
-    input: &Path,
-    output: &Path,
-    img: Image,
-    kind: ImageKind,
-) -> Result<PendingFile> {
     // errors that are not about a file say which input they came from
     let frame = job
         .eng
@@ -115,8 +173,11 @@ fn make(
             Error::Invalid(m) => Error::Invalid(format!("{}: {m}", input.display())),
             other => other,
         })?;
-    let out = Image { frame, ..img };
-    PendingFile::write(output, &encode_image(&out, kind)?)
+    Ok((Image { frame, ..img }, kind, (line, warning)))
+}
+
+fn write(out: &Image, output: &Path, kind: ImageKind) -> Result<PendingFile> {
+    PendingFile::write(output, &encode_image(out, kind)?)
 }
 
 /// The line printed for a made output: its quality-gate score, flagged when it needs review.

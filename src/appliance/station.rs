@@ -634,9 +634,21 @@ impl Station {
             .engine
             .apply_edit(t.edit(reverse), &frame)
             .map_err(|e| ("apply_failed", e.to_string()))?;
-        let score = self.engine.score(t.gate_hist(reverse), &frame);
-        let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
-        let jpeg = encode(&out, ImageKind::Jpeg).map_err(|e| ("encode_failed", e.to_string()))?;
+        // The JPEG encoder is single-threaded and costs more than the apply: it runs on its
+        // own thread while this one scores and makes the approval screen's copies.
+        let (jpeg, score, latency_ms, before, after) = std::thread::scope(|s| {
+            let jpeg = s.spawn(|| encode(&out, ImageKind::Jpeg));
+            let score = self.engine.score(t.gate_hist(reverse), &frame);
+            let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
+            let kept = (
+                RgbImage8::downscaled(&frame, KEPT_WIDTH),
+                RgbImage8::downscaled(&out, KEPT_WIDTH),
+            );
+            (jpeg.join(), score, latency_ms, kept.0, kept.1)
+        });
+        let jpeg = jpeg
+            .map_err(|_| ("encode_failed", "the JPEG encoder panicked".to_string()))?
+            .map_err(|e| ("encode_failed", e.to_string()))?;
         self.seq += 1;
         let meta = ResultMeta {
             id: format!("r{}-{}", now_ms(), self.seq),
@@ -660,8 +672,8 @@ impl Station {
         }
         self.results.push_back(Kept {
             meta: meta.clone(),
-            before: RgbImage8::downscaled(&frame, KEPT_WIDTH),
-            after: RgbImage8::downscaled(&out, KEPT_WIDTH),
+            before,
+            after,
             generation: self.generation(template),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
