@@ -6,9 +6,11 @@
 //! They correct one of two bases: G with the hypernetwork's template, or B itself.
 //!
 //! All parts enter linearly, so each is ridge regression from per-pixel features, kept as normal
-//! equations per tile of a 4 x 4 grid (and per pair). Validation fits on one side of the frame
-//! and scores the other: left/right, top/bottom, centre/border, and with several pairs leave one
-//! pair out. A spatial or content-specific fit cannot cheat those splits. The template keeps the
+//! equations per tile of a 4 x 4 grid, per side of the hue circle (and per pair). Validation fits
+//! on one side of the frame and scores the other: left/right, top/bottom, centre/border; fits on
+//! one half of the hue circle and scores the other; and with several pairs leaves one pair out.
+//! A spatial or content-specific fit cannot cheat those splits: one that leans on the colours the
+//! pair happens to show scores badly on colours it has not seen, as it would on another part. The template keeps the
 //! combination of base, parts and ridge strength that validates best; doing nothing is one of the
 //! candidates, so a kept part always validates better than leaving the capture alone.
 
@@ -27,6 +29,15 @@ const TONE_P: usize = LBINS * K;
 const MOVED: usize = TONE_P + NF;
 const P: usize = MOVED + bank::POSITION_LEN;
 const TILES: usize = 4;
+/// Greys, and the two halves of the hue circle (red to cyan through yellow and green; cyan to red
+/// through blue and magenta): each sample goes to one class, by its source colour.
+const HUE_CLASSES: usize = 3;
+/// Chroma (opponent-colour distance from grey) under which a pixel counts as grey: its hue is
+/// noise. Greys are fitted in both hue folds and scored in neither.
+const GREY_CHROMA: f32 = 0.04;
+/// Normals a pair accumulates into: tile-major, then hue class. Kept summed two ways (per tile,
+/// per hue class), which is all the folds need, in 19 normals a pair instead of 48.
+const CELLS: usize = TILES * TILES * HUE_CLASSES;
 const TARGET_SAMPLES: f64 = 20000.0;
 const LAMBDAS: [f64; 5] = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5];
 /// Weight (relative to the mean diagonal) of the tone offset's smoothness across luminance
@@ -124,8 +135,10 @@ pub struct PairData<'a> {
 
 #[derive(Default)]
 pub struct Accumulator {
-    /// `TILES * TILES` normals per pair, pair-major.
+    /// `TILES * TILES` normals per pair (all hue classes), pair-major.
     tiles: Vec<Normal>,
+    /// `HUE_CLASSES` normals per pair (all tiles), pair-major.
+    hues: Vec<Normal>,
 }
 
 /// The chosen template parts for one direction.
@@ -155,15 +168,19 @@ impl Accumulator {
 
     /// Adds one pair; the top and bottom halves of the tile grid accumulate on two threads.
     pub fn add_pair(&mut self, d: &PairData) {
-        let mut tiles = vec![Normal::zeros(); TILES * TILES];
-        let (top, bottom) = tiles.split_at_mut(TILES * TILES / 2);
+        let mut cells = vec![Normal::zeros(); CELLS];
+        let (top, bottom) = cells.split_at_mut(CELLS / 2);
         let h = d.src.height;
         let split = (TILES / 2 * h).div_ceil(TILES);
         std::thread::scope(|sc| {
             sc.spawn(|| accumulate(d, 0..split, top, 0));
             accumulate(d, split..h, bottom, TILES / 2);
         });
-        self.tiles.extend(tiles);
+        let by_tile = cells.chunks(HUE_CLASSES).map(Normal::sum);
+        self.tiles.extend(by_tile);
+        let by_hue =
+            (0..HUE_CLASSES).map(|c| Normal::sum(cells.iter().skip(c).step_by(HUE_CLASSES)));
+        self.hues.extend(by_hue);
     }
 
     /// Chooses base, parts and ridge strength by validation, then fits them on everything.
@@ -227,7 +244,8 @@ impl Accumulator {
         }
     }
 
-    /// (fit, validate) pairs of regions: the spatial splits, then leave one pair out.
+    /// (fit, validate) pairs of regions: the spatial splits, the hue halves, then leave one
+    /// pair out.
     fn folds(&self) -> Vec<(Normal, Normal)> {
         let np = self.pairs();
         let region = |keep: &dyn Fn(usize, usize) -> bool| {
@@ -235,6 +253,14 @@ impl Accumulator {
                 let tile = i % (TILES * TILES);
                 keep(tile / TILES, tile % TILES).then_some(t)
             }))
+        };
+        let hues = |keep: &dyn Fn(usize) -> bool| {
+            Normal::sum(
+                self.hues
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, t)| keep(i % HUE_CLASSES).then_some(t)),
+            )
         };
         let centre =
             |ty: usize, tx: usize| (1..TILES - 1).contains(&ty) && (1..TILES - 1).contains(&tx);
@@ -253,6 +279,9 @@ impl Accumulator {
         for (a, b) in halves {
             folds.push((a.clone(), b.clone()));
             folds.push((b, a));
+        }
+        for side in 1..HUE_CLASSES {
+            folds.push((hues(&|c| c != side), hues(&|c| c == side)));
         }
         if np >= 2 {
             for p in 0..np {
@@ -573,8 +602,8 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
             if !d.mask[i] {
                 continue;
             }
-            let t = &mut tiles[trow * TILES + x * TILES / w];
             let (rgb, (l0, w0, w1)) = pixel_at(d.src, d.blurs, i, &mut f);
+            let t = &mut tiles[(trow * TILES + x * TILES / w) * HUE_CLASSES + hue_class(rgb)];
             bank::features(d.src, d.blurs, d.planes, x, y, &mut phi);
             let (mx, my) = (
                 m[0] * x as f64 + m[1] * y as f64 + m[2],
@@ -604,6 +633,18 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
             ];
             add_sample(t, &segs[..=ns], &r);
         }
+    }
+}
+
+/// A pixel's class for the hue folds: 0 grey, 1 or 2 its side of the hue circle.
+fn hue_class([r, g, b]: [f32; 3]) -> usize {
+    let (oa, ob) = (r - 0.5 * (g + b), 0.866_025_4 * (g - b));
+    if oa * oa + ob * ob < GREY_CHROMA * GREY_CHROMA {
+        0
+    } else if ob >= 0.0 {
+        1
+    } else {
+        2
     }
 }
 
