@@ -684,3 +684,54 @@ fn add_sample(t: &mut Normal, segs: &[(usize, &[f64])], r: &[[f64; 3]; 2]) {
         *rr += rb.iter().map(|v| v * v).sum::<f64>();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::align::Similarity;
+    use crate::engine::filterbank::blurs;
+
+    /// The folds a single pair of `src` (edited into itself) validates on.
+    fn folds_of(src: &Frame) -> usize {
+        let (b, planes) = (blurs(src, 1), bank::planes(src, true, 1));
+        let mask = vec![true; src.width * src.height];
+        let mut acc = Accumulator::default();
+        acc.add_pair(&PairData {
+            src,
+            blurs: &b,
+            planes: &planes,
+            pred: src,
+            target: src,
+            mask: &mask,
+            sim: &Similarity::IDENTITY,
+        });
+        acc.folds().len()
+    }
+
+    /// A 160 x 120 frame: orange on the left, `right` on the right.
+    fn two_colours(right: [f32; 3]) -> Frame {
+        let mut f = Frame::zeros(160, 120);
+        let n = f.width * f.height;
+        for i in 0..n {
+            let rgb = if i % f.width < f.width / 2 {
+                [0.8, 0.5, 0.2]
+            } else {
+                right
+            };
+            (0..3).for_each(|c| f.data[c * n + i] = rgb[c]);
+        }
+        f
+    }
+
+    #[test]
+    fn hue_folds_need_both_halves_of_the_hue_circle() {
+        let spatial = 6;
+        assert_eq!(hue_class([0.8, 0.5, 0.2]), 1, "orange");
+        assert_eq!(hue_class([0.2, 0.4, 0.8]), 2, "blue");
+        assert_eq!(hue_class([0.5, 0.5, 0.5]), 0, "grey");
+        // orange and blue: each half holds half the samples, so both hue folds run
+        assert_eq!(folds_of(&two_colours([0.2, 0.4, 0.8])), spatial + 2);
+        // orange and grey: nothing to hold out on the blue side
+        assert_eq!(folds_of(&two_colours([0.5, 0.5, 0.5])), spatial);
+    }
+}
