@@ -61,6 +61,37 @@ impl Tally {
             self.other = Some((index, e));
         }
     }
+
+    /// The batch of every written output with its line and warning, or the one error to report
+    /// (`written`: the writer's results, in the order of `lines`; `total`: the inputs).
+    fn finish(
+        mut self,
+        written: Vec<(usize, Result<PendingFile>)>,
+        total: usize,
+    ) -> Result<Rendered> {
+        let mut r = Rendered {
+            batch: Batch::default(),
+            lines: Vec::with_capacity(written.len()),
+            warnings: Vec::new(),
+        };
+        for ((index, file), (line, warning)) in
+            written.into_iter().zip(std::mem::take(&mut self.lines))
+        {
+            match file {
+                Ok(f) => {
+                    r.batch.push(f);
+                    r.lines.push(line);
+                    r.warnings.extend(warning);
+                }
+                Err(e) => self.fail(index, e),
+            }
+        }
+        let other = self.other.map(|(_, e)| e);
+        match failures(total, self.unreadable).or(other) {
+            Some(e) => Err(e),
+            None => Ok(r),
+        }
+    }
 }
 
 /// Applies the job to every (input, output) pair; `progress` is called after each input.
@@ -77,7 +108,7 @@ pub fn render(
     mut progress: impl FnMut(),
 ) -> Result<Rendered> {
     let limits = &job.cfg.limits;
-    let (mut tally, written) = std::thread::scope(|s| {
+    let (tally, written) = std::thread::scope(|s| {
         let (decoded_tx, decoded) = sync_channel(AHEAD);
         s.spawn(move || {
             for (input, _) in files {
@@ -120,30 +151,7 @@ pub fn render(
         (tally, writer.join())
     });
     let written = written.map_err(|_| Error::Invalid("the image writer thread panicked".into()))?;
-    let mut batch = Batch::default();
-    let mut lines = Vec::with_capacity(written.len());
-    let mut warnings = Vec::new();
-    for ((index, file), (line, warning)) in
-        written.into_iter().zip(std::mem::take(&mut tally.lines))
-    {
-        match file {
-            Ok(f) => {
-                batch.push(f);
-                lines.push(line);
-                warnings.extend(warning);
-            }
-            Err(e) => tally.fail(index, e),
-        }
-    }
-    let other = tally.other.map(|(_, e)| e);
-    if let Some(e) = failures(files.len(), tally.unreadable).or(other) {
-        return Err(e);
-    }
-    Ok(Rendered {
-        batch,
-        lines,
-        warnings,
-    })
+    tally.finish(written, files.len())
 }
 
 /// Applies the edit to one decoded input: the output image (the edit applies to the colours;
