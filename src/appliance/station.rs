@@ -640,11 +640,9 @@ impl Station {
             let jpeg = s.spawn(|| encode(&out, ImageKind::Jpeg));
             let score = self.engine.score(t.gate_hist(reverse), &frame);
             let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
-            let kept = (
-                RgbImage8::downscaled(&frame, KEPT_WIDTH),
-                RgbImage8::downscaled(&out, KEPT_WIDTH),
-            );
-            (jpeg.join(), score, latency_ms, kept.0, kept.1)
+            let before = RgbImage8::downscaled(&frame, KEPT_WIDTH);
+            let after = RgbImage8::downscaled(&out, KEPT_WIDTH);
+            (jpeg.join(), score, latency_ms, before, after)
         });
         let jpeg = jpeg
             .map_err(|_| ("encode_failed", "the JPEG encoder panicked".to_string()))?

@@ -839,7 +839,6 @@ fn on_connack(
     sh.wake.notify_one();
 }
 
-/// Forgets the connection: our pkid map, and rumqttc's retransmissions (the outbox resends).
 /// Sends each packet at once: with Nagle's algorithm a small packet (a PUBACK, a short event)
 /// waits for the peer's delayed ACK, up to 40 ms on Linux, which was most of trigger -> result.
 pub fn no_delay(el: &mut EventLoop) {
@@ -848,6 +847,7 @@ pub fn no_delay(el: &mut EventLoop) {
     el.set_network_options(net);
 }
 
+/// Forgets the connection: our pkid map, and rumqttc's retransmissions (the outbox resends).
 fn drop_connection(el: &mut EventLoop, sh: &Shared) {
     let mut t = sh.lock();
     t.reset_connection();
