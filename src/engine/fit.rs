@@ -10,9 +10,10 @@
 //! on one side of the frame and scores the other: left/right, top/bottom, centre/border; fits on
 //! one half of the hue circle and scores the other; and with several pairs leaves one pair out.
 //! A spatial or content-specific fit cannot cheat those splits: one that leans on the colours the
-//! pair happens to show scores badly on colours it has not seen, as it would on another part. The template keeps the
-//! combination of base, parts and ridge strength that validates best; doing nothing is one of the
-//! candidates, so a kept part always validates better than leaving the capture alone.
+//! pair happens to show scores badly on colours it has not seen, as it would on another part.
+//! The template keeps the combination of base, parts and ridge strength that validates best;
+//! doing nothing is one of the candidates, so a kept part always validates better than leaving
+//! the capture alone.
 
 use super::bank::{self, NF};
 use super::card::PartGains;
@@ -592,8 +593,9 @@ fn unpack(d: Option<&[f64]>, set: u8) -> (Option<Vec<f32>>, Vec<f32>) {
     (tone, residual)
 }
 
-/// One thread's share of `add_pair`: rows `rows`, into the tiles of tile rows from `tile_row0`.
-fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], tile_row0: usize) {
+/// One thread's share of `add_pair`: rows `rows`, into the cells (tile, hue class) of tile rows
+/// from `tile_row0`.
+fn accumulate(d: &PairData, rows: std::ops::Range<usize>, cells: &mut [Normal], tile_row0: usize) {
     let (w, h) = (d.src.width, d.src.height);
     let n = w * h;
     let s = stride(w, h);
@@ -611,7 +613,7 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, tiles: &mut [Normal], 
                 continue;
             }
             let (rgb, (l0, w0, w1)) = pixel_at(d.src, d.blurs, i, &mut f);
-            let t = &mut tiles[(trow * TILES + x * TILES / w) * HUE_CLASSES + hue_class(rgb)];
+            let t = &mut cells[(trow * TILES + x * TILES / w) * HUE_CLASSES + hue_class(rgb)];
             bank::features(d.src, d.blurs, d.planes, x, y, &mut phi);
             let (mx, my) = (
                 m[0] * x as f64 + m[1] * y as f64 + m[2],
