@@ -51,11 +51,10 @@ impl Frame {
     ) -> Self {
         let n = width * height;
         let mut data = vec![0.0; 3 * n];
-        for (i, px) in px.chunks_exact(channels).take(n).enumerate() {
-            for c in 0..3 {
-                // a division, not a multiplication by 1/MAX: the same bits as ever for 8-bit
-                data[c * n + i] = px[c].to_f32() / T::MAX;
-            }
+        let (r, gb) = data.split_at_mut(n);
+        let (g, b) = gb.split_at_mut(n);
+        for (((px, r), g), b) in px.chunks_exact(channels).zip(r).zip(g).zip(b) {
+            [*r, *g, *b] = [px[0], px[1], px[2]].map(T::to_unit);
         }
         Frame {
             width,
@@ -75,13 +74,26 @@ impl Frame {
 
     /// Row-major interleaved RGB samples, rounded to the nearest level.
     fn to_interleaved<T: Sample>(&self) -> Vec<T> {
+        self.rows_interleaved(0..self.height)
+    }
+
+    /// 8-bit RGB of rows `rows`, row-major interleaved; rows past the end are not there.
+    pub fn rgb8_rows(&self, rows: std::ops::Range<usize>) -> Vec<u8> {
+        self.rows_interleaved(rows)
+    }
+
+    fn rows_interleaved<T: Sample>(&self, rows: std::ops::Range<usize>) -> Vec<T> {
         let n = self.width * self.height;
-        let mut out = vec![T::from_f32(0.0); 3 * n];
-        for i in 0..n {
-            for c in 0..3 {
-                out[3 * i + c] =
-                    T::from_f32((self.data[c * n + i].clamp(0.0, 1.0) * T::MAX).round());
-            }
+        let at = |c: usize| {
+            let plane = &self.data[c * n..(c + 1) * n];
+            plane
+                .get(rows.start * self.width..rows.end.min(self.height) * self.width)
+                .unwrap_or_default()
+        };
+        let (r, g, b) = (at(0), at(1), at(2));
+        let mut out = vec![T::from_f32(0.0); 3 * r.len()];
+        for (((o, &r), &g), &b) in out.chunks_exact_mut(3).zip(r).zip(g).zip(b) {
+            o.copy_from_slice(&[r, g, b].map(level::<T>));
         }
         out
     }
@@ -120,18 +132,45 @@ impl Frame {
 }
 
 /// An 8- or 16-bit sample of an image file, as the frame reads it.
+/// `v` rounded to the nearest of `T`'s levels. Adding one half and truncating rounds the
+/// clamped (non-negative) value: `f32::round` is a libm call per sample on baseline x86-64,
+/// which made converting a 640x480 result 4x slower.
+pub(crate) fn level<T: Sample>(v: f32) -> T {
+    T::from_f32(v.clamp(0.0, 1.0) * T::MAX + 0.5)
+}
+
 pub trait Sample: Copy {
     /// The sample's full scale, which maps to 1.0.
     const MAX: f32;
     fn to_f32(self) -> f32;
-    /// From a value already rounded and within 0..=MAX.
+    /// The sample over its full scale: a division, not a multiplication by 1/MAX, so 8-bit
+    /// samples keep the bits they always had.
+    fn to_unit(self) -> f32 {
+        self.to_f32() / Self::MAX
+    }
+    /// From a value within 0..=MAX + 0.5, truncated.
     fn from_f32(v: f32) -> Self;
 }
+
+/// Every 8-bit level over 255, looked up: a division per sample cost about as much as decoding
+/// a 640x480 JPEG capture.
+const U8_UNIT: [f32; 256] = {
+    let mut lut = [0.0; 256];
+    let mut i = 0;
+    while i < 256 {
+        lut[i] = i as f32 / 255.0;
+        i += 1;
+    }
+    lut
+};
 
 impl Sample for u8 {
     const MAX: f32 = 255.0;
     fn to_f32(self) -> f32 {
         f32::from(self)
+    }
+    fn to_unit(self) -> f32 {
+        U8_UNIT[usize::from(self)]
     }
     fn from_f32(v: f32) -> Self {
         v as u8

@@ -303,6 +303,7 @@ pub struct ResultMeta {
     pub reverse: bool,
     pub width: u32,
     pub height: u32,
+    /// From the start of the apply until the result's JPEG was ready (apply, score, encode).
     pub latency_ms: f32,
     pub created_unix_ms: u64,
 }

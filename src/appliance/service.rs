@@ -329,6 +329,7 @@ fn work(
                 return;
             }
         }
+        station.settle();
     }
 }
 

@@ -18,7 +18,7 @@ use crate::config::QualityConfig;
 use crate::display::RgbImage8;
 use crate::engine::{Engine, LearnOptions};
 use crate::frame::Frame;
-use crate::publish::file::{ImageKind, encode};
+use crate::publish::file::{ImageKind, encode_on};
 use crate::store::{Template, TemplateName, TemplateStore};
 
 /// Results kept for approve/reject (with display-size copies, about 0.5 MB each); older ones can
@@ -68,11 +68,35 @@ pub struct Counters {
 
 struct Kept {
     meta: ResultMeta,
-    before: RgbImage8,
-    after: RgbImage8,
+    copies: Copies,
     /// The generation of its template when it was made: its approval vouches for the fleet
     /// only if the template has not changed since.
     generation: u64,
+}
+
+/// The approval screen's copies of a result (capture and result, shrunk): made by
+/// [`Station::settle`] once the result is out, since the line waits for the result, not for
+/// them (they cost as much as scoring). Until then the two frames themselves, moved, not copied.
+enum Copies {
+    Pending(Box<(Frame, Frame)>),
+    Made { before: RgbImage8, after: RgbImage8 },
+}
+
+impl Copies {
+    fn made(&mut self) -> (RgbImage8, RgbImage8) {
+        match self {
+            Copies::Made { before, after } => (before.clone(), after.clone()),
+            Copies::Pending(frames) => {
+                let before = RgbImage8::downscaled(&frames.0, KEPT_WIDTH);
+                let after = RgbImage8::downscaled(&frames.1, KEPT_WIDTH);
+                *self = Copies::Made {
+                    before: before.clone(),
+                    after: after.clone(),
+                };
+                (before, after)
+            }
+        }
+    }
 }
 
 pub struct Station {
@@ -609,10 +633,11 @@ impl Station {
         let mut out = vec![Outgoing::State { meta: meta.clone() }];
         if state == ResultState::Approved {
             self.counters.approved += 1;
+            let (before, after) = kept.copies.made();
             out.push(Outgoing::Approved {
                 meta: meta.clone(),
-                before: kept.before.clone(),
-                after: kept.after.clone(),
+                before,
+                after,
             });
             out.extend(self.count_approval(&meta.template, generation));
         } else {
@@ -634,16 +659,13 @@ impl Station {
             .engine
             .apply_edit(t.edit(reverse), &frame)
             .map_err(|e| ("apply_failed", e.to_string()))?;
-        // The JPEG encoder is single-threaded and costs more than the apply: it runs on its
-        // own thread while this one scores and makes the approval screen's copies.
-        let (jpeg, score, latency_ms, before, after) = std::thread::scope(|s| {
-            let jpeg = s.spawn(|| encode(&out, ImageKind::Jpeg));
+        // The JPEG goes on its own threads (in strips) while this one scores.
+        let (jpeg, score) = std::thread::scope(|s| {
+            let jpeg = s.spawn(|| encode_on(&out, ImageKind::Jpeg, self.engine.threads));
             let score = self.engine.score(t.gate_hist(reverse), &frame);
-            let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
-            let before = RgbImage8::downscaled(&frame, KEPT_WIDTH);
-            let after = RgbImage8::downscaled(&out, KEPT_WIDTH);
-            (jpeg.join(), score, latency_ms, before, after)
+            (jpeg.join(), score)
         });
+        let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
         let jpeg = jpeg
             .map_err(|_| ("encode_failed", "the JPEG encoder panicked".to_string()))?
             .map_err(|e| ("encode_failed", e.to_string()))?;
@@ -670,8 +692,7 @@ impl Station {
         }
         self.results.push_back(Kept {
             meta: meta.clone(),
-            before,
-            after,
+            copies: Copies::Pending(Box::new((frame, out))),
             generation: self.generation(template),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
@@ -762,6 +783,16 @@ impl Station {
             ));
         }
         out
+    }
+
+    /// Makes the approval screen's copies of the newest result, once it is out: the pipeline
+    /// calls this after handing on each job's messages.
+    pub fn settle(&mut self) {
+        if let Some(k) = self.results.back_mut()
+            && matches!(k.copies, Copies::Pending(_))
+        {
+            k.copies.made();
+        }
     }
 
     /// One capture for whoever waits for it (the armed template, or one `apply` of mode next).

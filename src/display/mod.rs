@@ -14,7 +14,7 @@ mod render;
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::frame::Frame;
+use crate::frame::{Frame, level};
 
 pub use fb::FbDisplay;
 pub use png::{Canvas, PngDisplay};
@@ -57,14 +57,14 @@ impl RgbImage8 {
         let s = f.width.div_ceil(max_width.max(1)).max(1);
         let (w, h) = (f.width / s, f.height / s);
         let n = f.width * f.height;
+        let cols: Vec<usize> = (0..w)
+            .map(|x| nearest(x as u64, w as u64, f.width as u64) as usize)
+            .collect();
         let mut rgb = Vec::with_capacity(w * h * 3);
         for y in 0..h {
             let row = nearest(y as u64, h as u64, f.height as u64) as usize * f.width;
-            for x in 0..w {
-                let i = row + nearest(x as u64, w as u64, f.width as u64) as usize;
-                for c in 0..3 {
-                    rgb.push((f.data[c * n + i].clamp(0.0, 1.0) * 255.0).round() as u8);
-                }
+            for &x in &cols {
+                rgb.extend([0, n, 2 * n].map(|c| level::<u8>(f.data[c + row + x])));
             }
         }
         RgbImage8 {

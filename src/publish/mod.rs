@@ -2,5 +2,6 @@
 
 pub mod broker;
 pub mod file;
+pub mod jpeg;
 pub mod mqtt;
 pub mod outbox;
