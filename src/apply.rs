@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::publish::file::{Batch, ImageKind, PendingFile, encode_image, lost_in};
 use crate::store::Template;
-use crate::{Error, Frame, Result};
+use crate::{Error, Result};
 
 /// What one call of [`render`] made: the batch to commit, a line per input to print once it is
 /// in place, and a warning per output that lost what its input had (a JPEG keeps no alpha and
@@ -172,15 +172,16 @@ fn apply_one(
             input.display()
         )
     });
-    let line = line(job, input, output, &img.frame);
+    let t = job.template;
     // errors that are not about a file say which input they came from
-    let frame = job
+    let (frame, score) = job
         .eng
-        .apply_edit(job.template.edit(job.reverse), &img.frame)
+        .apply_scored(t.edit(job.reverse), &img.frame, t.gate_hist(job.reverse))
         .map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("{}: {m}", input.display())),
             other => other,
         })?;
+    let line = line(job, input, output, score);
     Ok((Image { frame, ..img }, kind, (line, warning)))
 }
 
@@ -189,9 +190,8 @@ fn write(out: &Image, output: &Path, kind: ImageKind) -> Result<PendingFile> {
 }
 
 /// The line printed for a made output: its quality-gate score, flagged when it needs review.
-fn line(job: &Job, input: &Path, output: &Path, frame: &Frame) -> String {
+fn line(job: &Job, input: &Path, output: &Path, score: f32) -> String {
     let t = job.template;
-    let score = job.eng.score(t.gate_hist(job.reverse), frame);
     let flag = if job.cfg.quality.needs_review(score, &t.card, job.reverse) {
         " needs_review"
     } else {

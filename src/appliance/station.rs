@@ -655,20 +655,13 @@ impl Station {
     ) -> Result<Vec<Outgoing>, (&'static str, String)> {
         let t = self.load(template)?;
         let t0 = Instant::now();
-        let out = self
+        let (out, score) = self
             .engine
-            .apply_edit(t.edit(reverse), &frame)
+            .apply_scored(t.edit(reverse), &frame, t.gate_hist(reverse))
             .map_err(|e| ("apply_failed", e.to_string()))?;
-        // The JPEG goes on its own threads (in strips) while this one scores.
-        let (jpeg, score) = std::thread::scope(|s| {
-            let jpeg = s.spawn(|| encode_on(&out, ImageKind::Jpeg, self.engine.threads));
-            let score = self.engine.score(t.gate_hist(reverse), &frame);
-            (jpeg.join(), score)
-        });
-        let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
-        let jpeg = jpeg
-            .map_err(|_| ("encode_failed", "the JPEG encoder panicked".to_string()))?
+        let jpeg = encode_on(&out, ImageKind::Jpeg, self.engine.threads)
             .map_err(|e| ("encode_failed", e.to_string()))?;
+        let latency_ms = t0.elapsed().as_secs_f32() * 1e3;
         self.seq += 1;
         let meta = ResultMeta {
             id: format!("r{}-{}", now_ms(), self.seq),

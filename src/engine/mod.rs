@@ -178,6 +178,26 @@ impl Engine {
 
     /// B' = G(delta, B) + residual(B): one direction of a template.
     pub fn apply_edit(&self, edit: Edit, frame: &Frame) -> Result<Frame> {
+        Ok(self.apply_thumbed(edit, frame)?.0)
+    }
+
+    /// [`Engine::apply_edit`] and the capture's quality-gate score against a template's
+    /// source histogram (see quality.rs), from the thumbnail the apply makes anyway.
+    pub fn apply_scored(
+        &self,
+        edit: Edit,
+        frame: &Frame,
+        source_hist: &[f32],
+    ) -> Result<(Frame, f32)> {
+        let (out, thumb) = self.apply_thumbed(edit, frame)?;
+        Ok((
+            out,
+            quality::distance(source_hist, &quality::histogram(&thumb)),
+        ))
+    }
+
+    /// The edited frame and the thumbnail of `frame` that G ran on.
+    fn apply_thumbed(&self, edit: Edit, frame: &Frame) -> Result<(Frame, Vec<f32>)> {
         self.check(frame)?;
         self.check_memory(frame, 0)?;
         if !edit.residual.is_empty() && edit.residual.len() != bank::NF * 3 {
@@ -190,12 +210,11 @@ impl Engine {
         let blurs = filterbank::blurs(frame, self.threads);
         self.check_template(edit.delta)?;
         // on the plan specialised for this template from its second apply on (model.rs)
-        let grid = self
-            .models
-            .backbone_cached(&filterbank::thumbnail(frame), edit.delta)?;
+        let thumb = filterbank::thumbnail(frame);
+        let grid = self.models.backbone_cached(&thumb, edit.delta)?;
         let mut out = slice::apply(frame, &blurs, &grid, self.threads);
         bank::apply(&mut out, frame, &blurs, edit.residual, self.threads);
-        Ok(out)
+        Ok((out, thumb))
     }
 
     /// B' = G(delta, B), or G(-delta, B) to undo the edit: a LoRA vector alone.
@@ -213,14 +232,6 @@ impl Engine {
                 residual: &[],
             },
             frame,
-        )
-    }
-
-    /// Quality-gate score of a capture against a template's source histogram (see quality.rs).
-    pub fn score(&self, source_hist: &[f32], frame: &Frame) -> f32 {
-        quality::distance(
-            source_hist,
-            &quality::histogram(&filterbank::thumbnail(frame)),
         )
     }
 }
