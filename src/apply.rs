@@ -4,7 +4,9 @@
 //! figure is what a user pays.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::sync_channel;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{SyncSender, channel, sync_channel};
 
 use crate::capture::{Image, read_image};
 use crate::config::Config;
@@ -45,13 +47,32 @@ struct Made {
 /// What [`render`] gathers as it goes; assembled into a [`Rendered`] or the error at the end.
 #[derive(Default)]
 struct Tally {
-    lines: Vec<(String, Option<String>)>,
-    unreadable: Vec<Error>,
+    /// by input index, in the order the inputs finish
+    lines: Vec<(usize, (String, Option<String>))>,
+    unreadable: Vec<(usize, Error)>,
     /// the first error that is not an unreadable input, with the input it came from
     other: Option<(usize, Error)>,
 }
 
+/// What became of one input ([`outcome`]).
+enum Outcome {
+    Made((String, Option<String>)),
+    Unreadable(Error),
+    Failed(Error),
+    /// not applied: an earlier input failed, so nothing will be written
+    Skipped,
+}
+
 impl Tally {
+    fn record(&mut self, index: usize, o: Outcome) {
+        match o {
+            Outcome::Made(line) => self.lines.push((index, line)),
+            Outcome::Unreadable(e) => self.unreadable.push((index, e)),
+            Outcome::Failed(e) => self.fail(index, e),
+            Outcome::Skipped => {}
+        }
+    }
+
     fn failed(&self) -> bool {
         !self.unreadable.is_empty() || self.other.is_some()
     }
@@ -62,19 +83,22 @@ impl Tally {
         }
     }
 
-    /// The batch of every written output with its line and warning, or the one error to report
-    /// (`written`: the writer's results, in the order of `lines`; `total`: the inputs).
+    /// The batch of every written output with its line and warning, in input order, or the one
+    /// error to report (`written`: the writer's results, one per line; `total`: the inputs).
     fn finish(
         mut self,
-        written: Vec<(usize, Result<PendingFile>)>,
+        mut written: Vec<(usize, Result<PendingFile>)>,
         total: usize,
     ) -> Result<Rendered> {
+        written.sort_by_key(|w| w.0);
+        self.lines.sort_by_key(|l| l.0);
+        self.unreadable.sort_by_key(|u| u.0);
         let mut r = Rendered {
             batch: Batch::default(),
             lines: Vec::with_capacity(written.len()),
             warnings: Vec::new(),
         };
-        for ((index, file), (line, warning)) in
+        for ((index, file), (_, (line, warning))) in
             written.into_iter().zip(std::mem::take(&mut self.lines))
         {
             match file {
@@ -87,7 +111,8 @@ impl Tally {
             }
         }
         let other = self.other.map(|(_, e)| e);
-        match failures(total, self.unreadable).or(other) {
+        let unreadable = self.unreadable.into_iter().map(|(_, e)| e).collect();
+        match failures(total, unreadable).or(other) {
             Some(e) => Err(e),
             None => Ok(r),
         }
@@ -96,23 +121,28 @@ impl Tally {
 
 /// Applies the job to every (input, output) pair; `progress` is called after each input.
 ///
-/// Three stages overlap on their own threads: decoding the next inputs, applying this one, and
-/// encoding and writing the last ones, so a frame costs about its slowest stage rather than
-/// the sum (decoding and encoding are single-threaded and together cost more than the apply).
-/// Every input is read even after one fails, so the error names each unreadable one; after a
-/// failure the rest are only decoded, since nothing will be written. Unreadable inputs take
-/// precedence over other errors, as they are what the user can fix first.
+/// The stages overlap on their own threads: decoding the next inputs, applying, and encoding and
+/// writing the last outputs (decoding and encoding are single-threaded and together cost more
+/// than the apply). Frames are applied side by side, one engine thread each, where the memory
+/// budget allows ([`workers`]): a frame's stages split over threads wait on each other and on
+/// the codecs' threads, whole frames do not. Every input is read even after one fails, so the
+/// error names each unreadable one; after a failure the rest are only decoded, since nothing
+/// will be written. Unreadable inputs take precedence over other errors, as they are what the
+/// user can fix first.
 pub fn render(
     job: &Job,
     files: &[(PathBuf, PathBuf)],
     mut progress: impl FnMut(),
 ) -> Result<Rendered> {
     let limits = &job.cfg.limits;
+    let workers = workers(job, files.len());
+    let failed = AtomicBool::new(false);
+    let (decoded_tx, decoded) = sync_channel(AHEAD);
+    let decoded = Mutex::new(decoded);
     let (tally, written) = std::thread::scope(|s| {
-        let (decoded_tx, decoded) = sync_channel(AHEAD);
         s.spawn(move || {
-            for (input, _) in files {
-                if decoded_tx.send(read_image(input, limits)).is_err() {
+            for (index, (input, _)) in files.iter().enumerate() {
+                if decoded_tx.send((index, read_image(input, limits))).is_err() {
                     break;
                 }
             }
@@ -124,34 +154,80 @@ pub fn render(
                 .map(|m| (m.index, write(&m.out, &m.output, m.kind)))
                 .collect::<Vec<_>>()
         });
-        let mut tally = Tally::default();
-        for (index, ((input, output), img)) in files.iter().zip(decoded).enumerate() {
-            match img {
-                Err(e) => tally.unreadable.push(e),
-                Ok(_) if tally.failed() => {}
-                Ok(img) => match apply_one(job, input, output, img) {
-                    Ok((out, kind, line)) => {
-                        tally.lines.push(line);
-                        let made = Made {
-                            index,
-                            out,
-                            output: output.clone(),
-                            kind,
-                        };
-                        if made_tx.send(made).is_err() {
-                            break; // the writer stopped: only a panic there does that
-                        }
+        let (done_tx, done) = channel();
+        let (decoded, failed) = (&decoded, &failed);
+        for _ in 0..workers {
+            let (made_tx, done_tx) = (made_tx.clone(), done_tx.clone());
+            let threads = (job.eng.threads / workers).max(1);
+            s.spawn(move || {
+                // the lock is held while waiting: the other workers would wait for it anyway
+                while let Some((index, img)) = decoded.lock().ok().and_then(|d| d.recv().ok()) {
+                    let skip = failed.load(Ordering::Relaxed);
+                    let outcome = outcome(job, &files[index], index, img, skip, threads, &made_tx);
+                    if done_tx.send((index, outcome)).is_err() {
+                        break;
                     }
-                    Err(e) => tally.fail(index, e),
-                },
-            }
+                }
+            });
+        }
+        drop((made_tx, done_tx));
+        let mut tally = Tally::default();
+        for (index, outcome) in done {
+            tally.record(index, outcome);
+            failed.store(tally.failed(), Ordering::Relaxed);
             progress();
         }
-        drop(made_tx);
         (tally, writer.join())
     });
     let written = written.map_err(|_| Error::Invalid("the image writer thread panicked".into()))?;
     tally.finish(written, files.len())
+}
+
+/// Frames applied side by side: one per engine thread, when that many applies of the largest
+/// frame the limits take fit the engine's memory budget (a board's `[engine] memory_mb`), else
+/// one at a time on all the threads.
+fn workers(job: &Job, files: usize) -> usize {
+    let (eng, l) = (job.eng, &job.cfg.limits);
+    let each = Engine::peak_mb(l.max_width as usize, l.max_height as usize, 0);
+    let n = eng.threads.min(files).max(1);
+    if eng.memory_mb == 0 || n as u64 * each <= u64::from(eng.memory_mb) {
+        n
+    } else {
+        1
+    }
+}
+
+/// What became of one decoded input: applied and handed to the writer, or why not.
+fn outcome(
+    job: &Job,
+    (input, output): &(PathBuf, PathBuf),
+    index: usize,
+    img: Result<Image>,
+    skip: bool,
+    threads: usize,
+    made_tx: &SyncSender<Made>,
+) -> Outcome {
+    let img = match img {
+        Err(e) => return Outcome::Unreadable(e),
+        Ok(_) if skip => return Outcome::Skipped,
+        Ok(img) => img,
+    };
+    match apply_one(job, input, output, img, threads) {
+        Ok((out, kind, line)) => {
+            let made = Made {
+                index,
+                out,
+                output: output.clone(),
+                kind,
+            };
+            // the writer stopped: only a panic there does that, and render reports it
+            match made_tx.send(made) {
+                Ok(()) => Outcome::Made(line),
+                Err(_) => Outcome::Skipped,
+            }
+        }
+        Err(e) => Outcome::Failed(e),
+    }
 }
 
 /// Applies the edit to one decoded input: the output image (the edit applies to the colours;
@@ -161,6 +237,7 @@ fn apply_one(
     input: &Path,
     output: &Path,
     img: Image,
+    threads: usize,
 ) -> Result<(Image, ImageKind, (String, Option<String>))> {
     let kind = ImageKind::from_path(output).unwrap_or(ImageKind::Png);
     let warning = lost_in(&img, kind).map(|lost| {
@@ -176,7 +253,12 @@ fn apply_one(
     // errors that are not about a file say which input they came from
     let (frame, score) = job
         .eng
-        .apply_scored(t.edit(job.reverse), &img.frame, t.gate_hist(job.reverse))
+        .apply_scored(
+            t.edit(job.reverse),
+            &img.frame,
+            t.gate_hist(job.reverse),
+            threads,
+        )
         .map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("{}: {m}", input.display())),
             other => other,

@@ -356,6 +356,10 @@ fn folder_apply_is_all_or_nothing() {
     std::fs::remove_dir_all(out.join("b.jpg")).unwrap();
     let text = run_ok(&mut apply_folder(&store, &good, &out));
     assert_eq!(text.lines().count(), 3, "{text}");
+    // in input order, though frames are applied side by side
+    for (line, n) in text.lines().zip(["a.jpg", "b.jpg", "c.jpg"]) {
+        assert!(line.contains(&good.join(n).display().to_string()), "{text}");
+    }
     let names: Vec<String> = snapshot(&out).into_iter().map(|(n, _)| n).collect();
     assert_eq!(names, ["a.jpg", "b.jpg", "c.jpg", "notes.txt"]);
     for n in ["a.jpg", "b.jpg", "c.jpg"] {

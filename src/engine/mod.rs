@@ -178,18 +178,20 @@ impl Engine {
 
     /// B' = G(delta, B) + residual(B): one direction of a template.
     pub fn apply_edit(&self, edit: Edit, frame: &Frame) -> Result<Frame> {
-        Ok(self.apply_thumbed(edit, frame)?.0)
+        Ok(self.apply_thumbed(edit, frame, self.threads)?.0)
     }
 
-    /// [`Engine::apply_edit`] and the capture's quality-gate score against a template's
-    /// source histogram (see quality.rs), from the thumbnail the apply makes anyway.
+    /// [`Engine::apply_edit`] on `threads` threads (frames applied side by side take one each),
+    /// and the capture's quality-gate score against a template's source histogram (see
+    /// quality.rs), from the thumbnail the apply makes anyway.
     pub fn apply_scored(
         &self,
         edit: Edit,
         frame: &Frame,
         source_hist: &[f32],
+        threads: usize,
     ) -> Result<(Frame, f32)> {
-        let (out, thumb) = self.apply_thumbed(edit, frame)?;
+        let (out, thumb) = self.apply_thumbed(edit, frame, threads.max(1))?;
         Ok((
             out,
             quality::distance(source_hist, &quality::histogram(&thumb)),
@@ -197,7 +199,12 @@ impl Engine {
     }
 
     /// The edited frame and the thumbnail of `frame` that G ran on.
-    fn apply_thumbed(&self, edit: Edit, frame: &Frame) -> Result<(Frame, Vec<f32>)> {
+    fn apply_thumbed(
+        &self,
+        edit: Edit,
+        frame: &Frame,
+        threads: usize,
+    ) -> Result<(Frame, Vec<f32>)> {
         self.check(frame)?;
         self.check_memory(frame, 0)?;
         if !edit.residual.is_empty() && edit.residual.len() != bank::NF * 3 {
@@ -207,13 +214,13 @@ impl Engine {
                 bank::NF * 3
             )));
         }
-        let blurs = filterbank::blurs(frame, self.threads);
+        let blurs = filterbank::blurs(frame, threads);
         self.check_template(edit.delta)?;
         // on the plan specialised for this template from its second apply on (model.rs)
         let thumb = filterbank::thumbnail(frame);
         let grid = self.models.backbone_cached(&thumb, edit.delta)?;
-        let mut out = slice::apply(frame, &blurs, &grid, self.threads);
-        bank::apply(&mut out, frame, &blurs, edit.residual, self.threads);
+        let mut out = slice::apply(frame, &blurs, &grid, threads);
+        bank::apply(&mut out, frame, &blurs, edit.residual, threads);
         Ok((out, thumb))
     }
 
