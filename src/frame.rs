@@ -64,16 +64,11 @@ impl Frame {
     }
 
     pub fn to_rgb8(&self) -> Vec<u8> {
-        self.to_interleaved()
+        self.rows_interleaved(0..self.height)
     }
 
     /// 16-bit RGB, row-major interleaved: what a 16-bit PNG is written from.
     pub fn to_rgb16(&self) -> Vec<u16> {
-        self.to_interleaved()
-    }
-
-    /// Row-major interleaved RGB samples, rounded to the nearest level.
-    fn to_interleaved<T: Sample>(&self) -> Vec<T> {
         self.rows_interleaved(0..self.height)
     }
 
@@ -82,6 +77,7 @@ impl Frame {
         self.rows_interleaved(rows)
     }
 
+    /// Row-major interleaved RGB samples of rows `rows`, rounded to the nearest level.
     fn rows_interleaved<T: Sample>(&self, rows: std::ops::Range<usize>) -> Vec<T> {
         let n = self.width * self.height;
         let at = |c: usize| {

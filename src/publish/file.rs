@@ -25,7 +25,7 @@ pub fn encode_on(frame: &Frame, kind: ImageKind, threads: usize) -> Result<Vec<u
     let (w, h) = (frame.width, frame.height);
     match kind {
         ImageKind::Png => encode_png(&frame.to_rgb8(), w as u32, h as u32),
-        ImageKind::Jpeg => jpeg::encode_rows(w, h, threads, |r| frame.rgb8_rows(r).into()),
+        ImageKind::Jpeg => jpeg::encode(w, h, threads, |r| frame.rgb8_rows(r)),
     }
 }
 

@@ -7,7 +7,6 @@
 //! (its height patched), are one valid JPEG that decodes to the same pixels as a one-piece
 //! encode. jpeg-encoder has no such mode, hence the splicing here.
 
-use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::{Error, Result};
@@ -22,25 +21,12 @@ fn encode_err(e: impl std::fmt::Display) -> Error {
     Error::Invalid(format!("cannot encode image: {e}"))
 }
 
-/// `rgb` (interleaved 8-bit, `w` x `h`) as a JPEG, encoded in up to about `threads` strips at
-/// once; one thread gives the plain one-piece file.
-pub fn encode(rgb: &[u8], w: usize, h: usize, threads: usize) -> Result<Vec<u8>> {
-    if rgb.len() != w * h * 3 {
-        return Err(encode_err(format!(
-            "{} bytes for a {w}x{h} RGB image",
-            rgb.len()
-        )));
-    }
-    encode_rows(w, h, threads, |rows| {
-        Cow::Borrowed(&rgb[rows.start * w * 3..rows.end * w * 3])
-    })
-}
-
-/// [`encode`] of an image whose interleaved 8-bit rows `rows(range)` gives, each strip's on its
-/// own thread: converting to 8 bits is split with the encoding.
-pub fn encode_rows<'a, F>(w: usize, h: usize, threads: usize, rows: F) -> Result<Vec<u8>>
+/// A `w` x `h` JPEG of the interleaved 8-bit RGB rows that `rows(range)` gives, encoded in up
+/// to about `threads` strips at once, each strip's rows made on its thread (converting to 8 bits
+/// is split with the encoding); one thread gives the plain one-piece file.
+pub fn encode<F>(w: usize, h: usize, threads: usize, rows: F) -> Result<Vec<u8>>
 where
-    F: Fn(Range<usize>) -> Cow<'a, [u8]> + Sync,
+    F: Fn(Range<usize>) -> Vec<u8> + Sync,
 {
     let side = |v: usize| {
         u16::try_from(v).map_err(|_| encode_err(format!("{w}x{h} is too large for JPEG")))
@@ -146,6 +132,11 @@ mod tests {
             .collect()
     }
 
+    /// The rows of `rgb`, a `w`-pixel-wide interleaved image, as [`encode`] asks for them.
+    fn rows_of(rgb: &[u8], w: usize) -> impl Fn(Range<usize>) -> Vec<u8> + Sync + '_ {
+        move |r| rgb[r.start * w * 3..r.end * w * 3].to_vec()
+    }
+
     fn decoded(jpeg: &[u8]) -> (u32, u32, Vec<u8>) {
         let img = image::load_from_memory_with_format(jpeg, image::ImageFormat::Jpeg)
             .expect("a valid JPEG")
@@ -157,9 +148,9 @@ mod tests {
     fn strips_decode_to_the_pixels_of_the_one_piece_file() {
         for (w, h) in [(640, 480), (61, 37), (9, 17), (200, 8), (33, 130)] {
             let rgb = picture(w, h);
-            let whole = encode(&rgb, w, h, 1).unwrap();
+            let whole = encode(w, h, 1, rows_of(&rgb, w)).unwrap();
             for threads in [2, 3, 5] {
-                let striped = encode(&rgb, w, h, threads).unwrap();
+                let striped = encode(w, h, threads, rows_of(&rgb, w)).unwrap();
                 // a restart interval (DRI) in the header where there are strips to make
                 let dri = striped.windows(2).any(|m| m == [0xFF, 0xDD]);
                 assert_eq!(dri, h > MCU, "{w}x{h}");
@@ -176,13 +167,13 @@ mod tests {
     fn more_threads_than_mcu_rows_and_tiny_images_still_encode() {
         for (w, h) in [(1, 1), (8, 8), (16, 9)] {
             let rgb = picture(w, h);
-            let (dw, dh, _) = decoded(&encode(&rgb, w, h, 4).unwrap());
+            let (dw, dh, _) = decoded(&encode(w, h, 4, rows_of(&rgb, w)).unwrap());
             assert_eq!((dw, dh), (w as u32, h as u32));
         }
     }
 
     #[test]
     fn a_short_buffer_is_an_error_not_a_panic() {
-        assert!(encode(&[0; 10], 4, 4, 2).is_err());
+        assert!(encode(4, 4, 2, |_| vec![0; 10]).is_err());
     }
 }
