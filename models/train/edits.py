@@ -156,14 +156,15 @@ def apply_one(x, f, p, gen=None):
         hsv = torch.cat([hsv[:, :1] + p["d"], hsv[:, 1:]], 1)
         return hsv_to_rgb(hsv)
     if f == "sepia":
-        m = torch.tensor([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], dtype=x.dtype)
+        m = torch.tensor([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]], dtype=x.dtype,
+                         device=x.device)
         s = torch.einsum("ij,njhw->nihw", m, x)
         return x + p["amount"] * (s - x)
     if f == "mono_tint":
         y = luminance(x) * _t(p["tint"], x)
         return x + p["amount"] * (y - x)
     if f == "channel_mix":
-        m = torch.tensor(p["m"], dtype=x.dtype)
+        m = torch.tensor(p["m"], dtype=x.dtype, device=x.device)
         m = m / m.sum(1, keepdim=True).clamp(min=0.5)
         return torch.einsum("ij,njhw->nihw", m, x)
     if f == "split_tone":
@@ -214,7 +215,9 @@ def make_before(x, edit, gen=None):
     chain = edit if isinstance(edit, list) else [edit]
     for f, p in chain:
         if f == "denoise":
-            n = torch.randn(x.shape, generator=gen, dtype=x.dtype) * p["noise"]
+            # drawn on the generator's device (quads may be made on a GPU from a CPU generator)
+            dev = gen.device if gen is not None else x.device
+            n = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=dev).to(x.device) * p["noise"]
             if not p["chroma"]:
                 n = n[:, :1].expand_as(x)
             x = (x + n).clamp(0, 1)
@@ -247,6 +250,6 @@ def misalign(x, rng, amount=0.04):
         s = 1 + rng.uniform(-amount, amount)
         tx, ty = rng.uniform(-amount, amount) * 2, rng.uniform(-amount, amount) * 2
         th.append([[s * math.cos(a), -s * math.sin(a), tx], [s * math.sin(a), s * math.cos(a), ty]])
-    theta = torch.tensor(th, dtype=x.dtype)
+    theta = torch.tensor(th, dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

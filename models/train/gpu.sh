@@ -22,7 +22,9 @@ CROP=${CROP:-256}
 LR=${LR:-5e-4}            # warm start: a gentler rate than from scratch
 INIT=${INIT:-runs/warm.pt}
 RUN=${RUN:-runs/gpu}     # not OUT: the device tool sets OUT to its own result folder
-WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 0 ))}  # processes synthesising quads (a GPU outruns one)
+WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 0 ))}  # processes synthesising quads, topping up the GPU's own
+QUADS_ON=${QUADS_ON:-$DEVICE}  # the training process makes quads here too (the photos held on the GPU)
+UNDER=${UNDER:-0.5}       # share of under-determined quads (issue 10's weakest set)
 THREADS=${THREADS:-2}     # torch threads of the training process itself
 EXPORT=${EXPORT:-1}       # 0: train only (export where the checkpoint lands, with export.py)
 MODELS_DIR=${MODELS_DIR:-..}  # the export's destination: the committed models by default
@@ -45,7 +47,8 @@ mkdir -p "$RUN"
 rm -f "$RUN/ckpt.pt" "$RUN/log.jsonl"
 t0=$(date +%s)
 "$PY" train.py --out "$RUN" --init "$INIT" --device "$DEVICE" --threads "$THREADS" --workers "$WORKERS" \
-  --batch "$BATCH" --crop "$CROP" --lr "$LR" --minutes "$MINUTES" --steps "$STEPS"
+  --batch "$BATCH" --crop "$CROP" --lr "$LR" --minutes "$MINUTES" --steps "$STEPS" \
+  --quads-on "$QUADS_ON" --under "$UNDER"
 echo "trained in $(( $(date +%s) - t0 )) s: $(tail -1 "$RUN/log.jsonl")"
 if [ -n "${OUT_COPY:-}" ]; then
   # weights only: with Adam's state the checkpoint is over the 16 MiB a returned file may be

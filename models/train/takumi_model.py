@@ -11,8 +11,10 @@ G has two parts:
 The grid's last layer has zero base weights, so with a zero template G(0, B) == B exactly.
 The template is one flat float vector; negating it is LoRA Reverse.
 """
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -78,28 +80,30 @@ def gauss_kernel(sigma):
     return w / w.sum(), r
 
 
-_BLUR_CACHE = {}
-
-
+@functools.lru_cache(maxsize=128)  # bounded: the edits draw sigma from a continuous range
 def blur_matrix(n, sigma):
     """(n, n) matrix of a 1-D gaussian with replicate borders folded in: a GEMM is much faster on
-    CPU than a depthwise conv, and it is the same function the Rust filter bank computes."""
-    key = (n, sigma)
-    if key not in _BLUR_CACHE:
-        w, r = gauss_kernel(sigma)
-        m = torch.zeros(n, n)
-        for i in range(n):
-            for t in range(-r, r + 1):
-                m[min(max(i + t, 0), n - 1), i] += w[t + r]
-        _BLUR_CACHE[key] = m
-    return _BLUR_CACHE[key]
+    CPU than a depthwise conv, and it is the same function the Rust filter bank computes. Built with
+    one np.add.at in the order of the former loop (column by column, tap by tap), so the float32
+    sums are the same, ~1000x faster than a Python loop over taps."""
+    w, r = gauss_kernel(sigma)
+    i = np.repeat(np.arange(n), 2 * r + 1)
+    t = np.tile(np.arange(-r, r + 1), n)
+    m = np.zeros((n, n), dtype=np.float32)
+    np.add.at(m, (np.clip(i + t, 0, n - 1), i), w.numpy()[t + r])
+    return torch.from_numpy(m)
+
+
+@functools.lru_cache(maxsize=128)
+def _blur_matrix_on(n, sigma, device, dtype):
+    return blur_matrix(n, sigma).to(device=device, dtype=dtype)
 
 
 def blur(x, sigma):
     """Separable gaussian with replicate borders (the Rust filter bank matches this)."""
     h, w = x.shape[-2:]
-    mw = blur_matrix(w, sigma).to(x)
-    mh = blur_matrix(h, sigma).to(x)
+    mw = _blur_matrix_on(w, sigma, x.device, x.dtype)
+    mh = _blur_matrix_on(h, sigma, x.device, x.dtype)
     y = x @ mw  # rows
     return (y.transpose(-1, -2) @ mh).transpose(-1, -2)  # columns
 

@@ -3,7 +3,9 @@
     python models/train/train.py --out models/train/runs/main            # from scratch
     python models/train/train.py --out models/train/runs/main --resume   # continue from ckpt.pt
     python models/train/train.py --out runs/ablation --reverse-weight 0  # the ablation
-    python models/train/train.py --out runs/gpu --device cuda --workers 14  # quads made by 14 processes (gpu.sh)
+    python models/train/train.py --out runs/gpu --device cuda --workers 14  # quads made by 14 processes
+    python models/train/train.py --out runs/gpu --device cuda --quads-on cuda --workers 14
+                                                # quads made on the GPU, topped up by 14 processes (gpu.sh)
     python models/train/train.py --pairs DIR --init runs/main/ckpt.pt --out runs/plant
                                                 # pairs-only fine-tuning, flipped pair as query
 """
@@ -11,8 +13,10 @@ import argparse
 import json
 import math
 import os
+import queue
 import random
 import sys
+import threading
 import time
 
 import torch
@@ -49,8 +53,8 @@ class QuadStream(torch.utils.data.IterableDataset):
     """Synthetic batches made in worker processes, so a GPU is not left waiting on the CPU's quads.
     Each worker draws from its own seed; the batches are not reproducible across runs as in-process ones are."""
 
-    def __init__(self, photos, batch, crop, seed):
-        self.photos, self.batch, self.crop, self.seed = photos, batch, crop, seed
+    def __init__(self, photos, batch, crop, seed, under_p):
+        self.photos, self.batch, self.crop, self.seed, self.under_p = photos, batch, crop, seed, under_p
 
     def __iter__(self):
         wid = torch.utils.data.get_worker_info().id
@@ -58,20 +62,59 @@ class QuadStream(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 1000 + wid)
         gen = torch.Generator().manual_seed(self.seed * 1000 + wid)
         while True:
-            yield data.synthetic_quads(self.photos, self.batch, self.crop, rng, gen)
+            yield data.synthetic_quads(self.photos, self.batch, self.crop, rng, gen, under_p=self.under_p)
 
 
-def next_quads(stream, args, source, rng, gen):
-    """The next batch: from the worker stream if there is one, else made here. Returns it and the stream."""
-    if stream is not None:
+class Feeder:
+    """The worker stream drained by a thread, so that the training loop takes a worker batch only
+    when one is waiting and makes its own on the GPU otherwise (the two together outrun either)."""
+
+    def __init__(self, stream):
+        self.q, self.error = queue.Queue(maxsize=4), None
+        threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
+
+    def _drain(self, stream):
         try:
-            return next(stream), stream
-        except RuntimeError as e:  # a worker killed (say, shared memory too small): carry on in-process
-            print(f"warning: quad workers failed ({e}); making quads in the training process", flush=True)
-            torch.set_num_threads(max(args.threads, os.cpu_count() or 1))
+            for b in stream:
+                self.q.put(b)
+        except Exception as e:  # a worker killed: the loop carries on with its own quads
+            self.error = e
+
+    def poll(self):
+        try:
+            return self.q.get_nowait()
+        except queue.Empty:
+            return None
+
+
+def next_quads(src, args):
+    """The next batch and where it came from ("workers", "device" or "here"). src holds the worker
+    stream or feeder, the photos (on the quad device too, with --quads-on) and the generators."""
+    if src.get("feeder") is not None:
+        b = src["feeder"].poll()
+        if b is not None:
+            return b, "workers"
+        if src.get("photos_dev") is not None:
+            try:
+                return data.synthetic_quads(src["photos_dev"], args.batch, args.crop, src["rng"], src["gen_dev"],
+                                            under_p=args.under), "device"
+            except RuntimeError as e:  # the device path failing must not lose the run: the workers go on
+                print(f"warning: making quads on {args.quads_on} failed ({e}); workers only from now", flush=True)
+                src["photos_dev"] = None
+        while src["feeder"].error is None:
+            try:
+                return src["feeder"].q.get(timeout=1.0), "workers"
+            except queue.Empty:
+                pass
+        print(f"warning: quad workers failed ({src['feeder'].error}); making quads in the training process", flush=True)
+        src["feeder"] = None
+        torch.set_num_threads(max(args.threads, os.cpu_count() or 1))
     if args.pairs:
-        return data.pair_quads(source, args.batch, args.crop, rng), None
-    return data.synthetic_quads(source, args.batch, args.crop, rng, gen), None
+        return data.pair_quads(src["source"], args.batch, args.crop, src["rng"]), "here"
+    if src.get("photos_dev") is not None:
+        return data.synthetic_quads(src["photos_dev"], args.batch, args.crop, src["rng"], src["gen_dev"],
+                                    under_p=args.under), "device"
+    return data.synthetic_quads(src["source"], args.batch, args.crop, src["rng"], src["gen"], under_p=args.under), "here"
 
 
 def save(path, step, elapsed, hyper, backbone, opt, rng, args):
@@ -94,6 +137,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine (gpu.sh)")
     ap.add_argument("--workers", type=int, default=0, help="processes making synthetic quads (0: in the training loop)")
+    ap.add_argument("--quads-on", help="also make quads in the training loop on this device (cuda: the photos held "
+                    "on the GPU), taking a worker batch whenever one is waiting")
+    ap.add_argument("--under", type=float, default=0.25, help="share of under-determined quads (data.under_determined)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     ap.add_argument("--snapshot-at", type=int, default=0, help="also keep OUT/ckpt_<step>.pt at this step")
@@ -157,18 +203,23 @@ def main():
             p = max(p, (time.time() - start) / (60 * args.minutes))
         return min(p, 1.0)
 
-    stream = None
+    src = dict(source=pairs if args.pairs else photos, rng=rng, gen=gen, feeder=None, photos_dev=None)
+    if args.quads_on and not args.pairs:
+        src["photos_dev"] = [p.to(args.quads_on) for p in photos]
+        src["gen_dev"] = torch.Generator(device=args.quads_on).manual_seed(args.seed + step)
     if args.workers and not args.pairs:
-        loader = torch.utils.data.DataLoader(QuadStream(photos, args.batch, args.crop, args.seed + step),
+        loader = torch.utils.data.DataLoader(QuadStream(photos, args.batch, args.crop, args.seed + step, args.under),
                                              batch_size=None, num_workers=args.workers, prefetch_factor=2,
                                              pin_memory=dev.type == "cuda")
-        stream = iter(loader)
+        src["feeder"] = Feeder(iter(loader))
+    origin = dict(workers=0, device=0, here=0)
     while progress() < 1.0:
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * progress()))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.no_grad():
-            quad, stream = next_quads(stream, args, pairs if args.pairs else photos, rng, gen)
+            quad, where = next_quads(src, args)
+            origin[where] += 1
             quad = tuple(t.to(dev, non_blocking=True) for t in quad)
         l_fwd, l_rev = losses(hyper, backbone, quad, args.reverse_weight, gen)
         loss = l_fwd + args.reverse_weight * l_rev
@@ -183,7 +234,7 @@ def main():
         if step % 50 == 0 or progress() >= 1.0:
             ident = F.l1_loss(quad[2], quad[3]).item()
             rec = dict(step=step, fwd=acc[0] / acc[2], rev=acc[1] / acc[2], identity_l1=ident, lr=lr,
-                       s_per_step=(time.time() - t0) / acc[2])
+                       s_per_step=(time.time() - t0) / acc[2], quads=dict(origin))
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
