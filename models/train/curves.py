@@ -40,7 +40,8 @@ def table(recs, every, window):
     """One row per `every` steps; fwd/rev/identity averaged over the log records of the last
     `window` steps up to that row (identity is a single batch per record, so it is noisy)."""
     print(f"{'step':>7} {'fwd L1':>8} {'rev L1':>8} {'ident L1':>9} {'fwd/id':>7} {'s/step':>7} {'lr':>9}")
-    rows = [r for r in recs if r["step"] % every == 0]
+    # the first record past each multiple of `every` (a resumed or chained run's steps need not hit it)
+    rows = [r for i, r in enumerate(recs) if r["step"] // every > (recs[i - 1]["step"] // every if i else 0)]
     if recs and (not rows or rows[-1]["step"] != recs[-1]["step"]):
         rows.append(recs[-1])
     for r in rows:

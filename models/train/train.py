@@ -70,8 +70,13 @@ class Feeder:
     when one is waiting and makes its own on the GPU otherwise (the two together outrun either)."""
 
     def __init__(self, stream):
-        self.q, self.error = queue.Queue(maxsize=4), None
+        self.q, self.error, self.stream = queue.Queue(maxsize=4), None, stream
         threading.Thread(target=self._drain, args=(stream,), daemon=True).start()
+
+    def close(self):
+        # the loader's own shutdown (what its __del__ does), so that its pin-memory thread stops
+        # before the worker processes go, instead of dying at exit on a reset connection
+        self.stream._shutdown_workers()
 
     def _drain(self, stream):
         try:
@@ -244,6 +249,8 @@ def main():
             save(ckpt_path, step, elapsed, hyper, backbone, opt, rng, args)
         if args.snapshot_at and step == args.snapshot_at:
             save(os.path.join(args.out, f"ckpt_{step}.pt"), step, elapsed, hyper, backbone, opt, rng, args)
+    if src["feeder"] is not None:
+        src["feeder"].close()
     print("done", flush=True)
 
 
