@@ -120,7 +120,7 @@ def job(q):
     r = {k: v for k, v in q.items() if k not in ("a", "a2", "b", "b2")}
     r["identity"] = ev.psnr(B, B2)
     for m, fit in CLASSICAL.items():
-        r[m] = ev.psnr(fit(A, A2)(B), B2)
+        r[m] = ev.psnr(ec.as_8bit(fit(A, A2)(B)), B2)  # scored as the 8-bit image, like takumi's
     for m, flags in LEARNED.items():
         out, rec = learn_apply(f"p{q['idx']}{m}", flags, A, A2, B)
         r[m] = ev.psnr(out, B2) if out is not None else None

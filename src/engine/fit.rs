@@ -11,6 +11,8 @@
 //! one half of the hue circle and scores the other; and with several pairs leaves one pair out.
 //! A spatial or content-specific fit cannot cheat those splits: one that leans on the colours the
 //! pair happens to show scores badly on colours it has not seen, as it would on another part.
+//! Where the pair shows one side of the hue circle only, there is no hue fold, and the tone part
+//! fits without the hue terms that fold would have checked.
 //! The template keeps the combination of base, parts and ridge strength that validates best;
 //! doing nothing is one of the candidates, so a kept part always validates better than leaving
 //! the capture alone.
@@ -18,7 +20,7 @@
 use super::bank::{self, NF};
 use super::card::PartGains;
 use super::filterbank::{Blurs, pixel_at};
-use super::model::{CK, K, LBINS};
+use super::model::{CK, HUES, K, LBINS};
 use crate::Frame;
 
 const TONE_P: usize = LBINS * K;
@@ -200,7 +202,8 @@ impl Accumulator {
         if all.n < 64 {
             return None;
         }
-        let scores = Scores::new(&self.folds());
+        let (folds, hue_folds) = self.folds();
+        let scores = Scores::new(&folds, hue_folds);
         Some(Scored { all, scores })
     }
 
@@ -233,7 +236,7 @@ impl Accumulator {
             bank: part(1),
             position: part(2),
         };
-        let d = solve(&all, base, set, lam);
+        let d = solve(&all, base, set, lam, scores.hue_terms);
         let fit_err = match &d {
             Some(d) => val_error(&all, base, set, d),
             None => all.rr[base as usize],
@@ -246,13 +249,13 @@ impl Accumulator {
             gain_db: gain_db(scores.identity(), best) as f32,
             part_gains_db,
             fit_psnr_db: psnr(fit_err, all.n),
-            heldout_pair_psnr_db: self.heldout_pairs(base, set, lam),
+            heldout_pair_psnr_db: self.heldout_pairs(base, set, lam, scores.hue_terms),
         }
     }
 
     /// (fit, validate) pairs of regions: the spatial splits, the hue halves, then leave one
     /// pair out.
-    fn folds(&self) -> Vec<(Normal, Normal)> {
+    fn folds(&self) -> (Vec<(Normal, Normal)>, bool) {
         let np = self.pairs();
         let region = |keep: &dyn Fn(usize, usize) -> bool| {
             Normal::sum(self.tiles.iter().enumerate().filter_map(|(i, t)| {
@@ -289,7 +292,8 @@ impl Accumulator {
         let sides: Vec<_> = (1..HUE_CLASSES)
             .map(|side| (hues(&|c| c != side), hues(&|c| c == side)))
             .collect();
-        if sides.iter().all(|(_, held)| held.n >= MIN_HUE_SAMPLES) {
+        let hue_folds = sides.iter().all(|(_, held)| held.n >= MIN_HUE_SAMPLES);
+        if hue_folds {
             folds.extend(sides);
         }
         if np >= 2 {
@@ -297,7 +301,7 @@ impl Accumulator {
                 folds.push(self.leave_out(p));
             }
         }
-        folds
+        (folds, hue_folds)
     }
 
     /// (every other pair, pair p).
@@ -314,7 +318,7 @@ impl Accumulator {
         (rest, held)
     }
 
-    fn heldout_pairs(&self, base: Base, set: u8, lam: usize) -> Option<f32> {
+    fn heldout_pairs(&self, base: Base, set: u8, lam: usize, hue_terms: bool) -> Option<f32> {
         let np = self.pairs();
         if np < 2 {
             return None;
@@ -322,7 +326,7 @@ impl Accumulator {
         let sum: f32 = (0..np)
             .map(|p| {
                 let (fit, held) = self.leave_out(p);
-                let err = match solve(&fit, base, set, lam) {
+                let err = match solve(&fit, base, set, lam, hue_terms) {
                     Some(d) => val_error(&held, base, set, &d),
                     None => held.rr[base as usize],
                 };
@@ -347,17 +351,19 @@ struct Scores {
     /// `[base][set][lambda]`; set 0 (no parts) is the base alone, the same for every lambda.
     err: [[[f64; LAMBDAS.len()]; 1 << GROUPS]; 2],
     identity: f64,
+    /// Whether the hue folds ran, and so whether the tone part may use its hue terms.
+    hue_terms: bool,
 }
 
 impl Scores {
-    fn new(folds: &[(Normal, Normal)]) -> Self {
+    fn new(folds: &[(Normal, Normal)], hue_terms: bool) -> Self {
         let mut err = [[[0.0f64; LAMBDAS.len()]; 1 << GROUPS]; 2];
         for (fit, val) in folds {
             for (e, rr) in err.iter_mut().zip(val.rr) {
                 e[0].iter_mut().for_each(|x| *x += rr);
             }
             for set in 1..(1u8 << GROUPS) {
-                let idx = columns(set);
+                let idx = columns(set, hue_terms);
                 for (li, lam) in LAMBDAS.iter().enumerate() {
                     let chol = cholesky(fit, &idx, *lam);
                     for (b, base) in [Base::Hypernet, Base::Identity].into_iter().enumerate() {
@@ -370,7 +376,11 @@ impl Scores {
             }
         }
         let identity = err[Base::Identity as usize][0][0];
-        Scores { err, identity }
+        Scores {
+            err,
+            identity,
+            hue_terms,
+        }
     }
 
     /// With the zero prior, the best fit on B. With H's prior, the fit on H's template (where
@@ -450,11 +460,15 @@ impl Scores {
     }
 }
 
-/// Unknowns used by a set of parts (bit 0 tone, 1 bank, 2 position).
-fn columns(set: u8) -> Vec<usize> {
+/// Unknowns used by a set of parts (bit 0 tone, 1 bank, 2 position). Without `hue_terms` the
+/// tone part leaves out G's hue features (the last HUES of each bin's K): where the pair shows
+/// one side of the hue circle only, no fold can check how those terms carry the edit to the
+/// other side, and they carried it badly (hue rotations 3.5 dB below the same fit without
+/// them, eval_cli.py); the tone part's colour terms then extrapolate linearly per luminance bin.
+fn columns(set: u8, hue_terms: bool) -> Vec<usize> {
     let mut idx = Vec::new();
     if set & 1 != 0 {
-        idx.extend(0..TONE_P);
+        idx.extend((0..TONE_P).filter(|i| hue_terms || i % K < K - HUES));
     }
     if set & 2 != 0 {
         idx.extend(bank::BANK.map(|j| TONE_P + j));
@@ -473,11 +487,11 @@ fn sym(m: &[f64], i: usize, j: usize) -> f64 {
 }
 
 /// The full-length solution (zeros outside `set`) of the ridge problem, or None.
-fn solve(n: &Normal, base: Base, set: u8, lam: usize) -> Option<Vec<f64>> {
+fn solve(n: &Normal, base: Base, set: u8, lam: usize, hue_terms: bool) -> Option<Vec<f64>> {
     if set == 0 {
         return Some(vec![0.0; P * 3]);
     }
-    let idx = columns(set);
+    let idx = columns(set, hue_terms);
     let l = cholesky(n, &idx, LAMBDAS[lam])?;
     Some(solve_with(&l, n, base, &idx))
 }
@@ -550,7 +564,7 @@ fn solve_with(l: &[f64], n: &Normal, base: Base, idx: &[usize]) -> Vec<f64> {
 
 /// sum over the region of |r - phi.d|^2, from its normal equations.
 fn val_error(n: &Normal, base: Base, set: u8, d: &[f64]) -> f64 {
-    let idx = columns(set);
+    let idx = columns(set, true);
     let v = &n.v[base as usize];
     let mut e = n.rr[base as usize];
     for c in 0..3 {
@@ -707,7 +721,7 @@ mod tests {
             mask: &mask,
             sim: &Similarity::IDENTITY,
         });
-        acc.folds().len()
+        acc.folds().0.len()
     }
 
     /// A 160 x 120 frame: orange on the left, `right` on the right.
@@ -723,6 +737,56 @@ mod tests {
             (0..3).for_each(|c| f.data[c * n + i] = rgb[c]);
         }
         f
+    }
+
+    /// A 160 x 120 frame: `left` on the left and `right` on the right, each at every brightness
+    /// in every tile (so that a tone curve is not a colour matrix, and every fold sees it).
+    fn two_ramps(left: [f32; 3], right: [f32; 3]) -> Frame {
+        let mut f = Frame::zeros(160, 120);
+        let (w, h) = (f.width, f.height);
+        for y in 0..h {
+            for x in 0..w {
+                let rgb = if x < w / 2 { left } else { right };
+                let t = 0.2 + 0.8 * ((x * 7919 + y * 104_729) % 97) as f32 / 96.0;
+                (0..3).for_each(|c| f.data[c * w * h + y * w + x] = rgb[c] * t);
+            }
+        }
+        f
+    }
+
+    /// The tone offset chosen for `src` edited by a lift of the mid-tones, with the zero prior.
+    fn tone_of(src: &Frame) -> Vec<f32> {
+        let mut target = src.clone();
+        let n = src.width * src.height;
+        for i in 0..n {
+            let [r, g, b] = [0, 1, 2].map(|c| src.data[c * n + i]);
+            let lum = 0.299 * r + 0.587 * g + 0.114 * b;
+            (0..3).for_each(|c| target.data[c * n + i] += 0.3 * lum * (1.0 - lum));
+        }
+        let (b, planes) = (blurs(src, 1), bank::planes(src, true, 1));
+        let mask = vec![true; src.width * src.height];
+        let mut acc = Accumulator::default();
+        acc.add_pair(&PairData {
+            src,
+            blurs: &b,
+            planes: &planes,
+            pred: src,
+            target: &target,
+            mask: &mask,
+            sim: &Similarity::IDENTITY,
+        });
+        let sel = acc.select(Prior::Zero).expect("enough samples");
+        sel.tone.expect("a tone curve keeps the tone part")
+    }
+
+    #[test]
+    fn one_sided_hue_pairs_fit_no_hue_terms() {
+        let uses_hue = |t: Vec<f32>| (0..t.len()).any(|i| i % K >= K - HUES && t[i] != 0.0);
+        let (orange, grey, blue) = ([0.9, 0.55, 0.2], [0.6, 0.6, 0.6], [0.2, 0.45, 0.9]);
+        // orange and grey: one side of the hue circle, no hue fold, no hue terms
+        assert!(!uses_hue(tone_of(&two_ramps(orange, grey))));
+        // orange and blue: the hue folds ran, and the tone part may use them
+        assert!(uses_hue(tone_of(&two_ramps(orange, blue))));
     }
 
     #[test]
