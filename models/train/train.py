@@ -92,6 +92,11 @@ class Feeder:
             return None
 
 
+def device_quads(src, args):
+    """A batch made in the training loop from the photos held on the quad device."""
+    return data.synthetic_quads(src["photos_dev"], args.batch, args.crop, src["rng"], src["gen_dev"], under_p=args.under)
+
+
 def next_quads(src, args):
     """The next batch and where it came from ("workers", "device" or "here"). src holds the worker
     stream or feeder, the photos (on the quad device too, with --quads-on) and the generators."""
@@ -101,8 +106,7 @@ def next_quads(src, args):
             return b, "workers"
         if src.get("photos_dev") is not None:
             try:
-                return data.synthetic_quads(src["photos_dev"], args.batch, args.crop, src["rng"], src["gen_dev"],
-                                            under_p=args.under), "device"
+                return device_quads(src, args), "device"
             except RuntimeError as e:  # the device path failing must not lose the run: the workers go on
                 print(f"warning: making quads on {args.quads_on} failed ({e}); workers only from now", flush=True)
                 src["photos_dev"] = None
@@ -117,8 +121,7 @@ def next_quads(src, args):
     if args.pairs:
         return data.pair_quads(src["source"], args.batch, args.crop, src["rng"]), "here"
     if src.get("photos_dev") is not None:
-        return data.synthetic_quads(src["photos_dev"], args.batch, args.crop, src["rng"], src["gen_dev"],
-                                    under_p=args.under), "device"
+        return device_quads(src, args), "device"
     return data.synthetic_quads(src["source"], args.batch, args.crop, src["rng"], src["gen"], under_p=args.under), "here"
 
 

@@ -705,10 +705,10 @@ fn add_sample(t: &mut Normal, segs: &[(usize, &[f64])], r: &[[f64; 3]; 2]) {
 mod tests {
     use super::*;
     use crate::engine::align::Similarity;
-    use crate::engine::filterbank::blurs;
+    use crate::engine::filterbank::{blurs, luminance};
 
-    /// The folds a single pair of `src` (edited into itself) validates on.
-    fn folds_of(src: &Frame) -> usize {
+    /// The accumulator of the single pair `src` -> `target` (registered, G predicting `src`).
+    fn accumulated(src: &Frame, target: &Frame) -> Accumulator {
         let (b, planes) = (blurs(src, 1), bank::planes(src, true, 1));
         let mask = vec![true; src.width * src.height];
         let mut acc = Accumulator::default();
@@ -717,11 +717,16 @@ mod tests {
             blurs: &b,
             planes: &planes,
             pred: src,
-            target: src,
+            target,
             mask: &mask,
             sim: &Similarity::IDENTITY,
         });
-        acc.folds().0.len()
+        acc
+    }
+
+    /// The folds a single pair of `src` (edited into itself) validates on.
+    fn folds_of(src: &Frame) -> usize {
+        accumulated(src, src).folds().0.len()
     }
 
     /// A 160 x 120 frame: orange on the left, `right` on the right.
@@ -760,21 +765,10 @@ mod tests {
         let n = src.width * src.height;
         for i in 0..n {
             let [r, g, b] = [0, 1, 2].map(|c| src.data[c * n + i]);
-            let lum = 0.299 * r + 0.587 * g + 0.114 * b;
+            let lum = luminance(r, g, b);
             (0..3).for_each(|c| target.data[c * n + i] += 0.3 * lum * (1.0 - lum));
         }
-        let (b, planes) = (blurs(src, 1), bank::planes(src, true, 1));
-        let mask = vec![true; src.width * src.height];
-        let mut acc = Accumulator::default();
-        acc.add_pair(&PairData {
-            src,
-            blurs: &b,
-            planes: &planes,
-            pred: src,
-            target: &target,
-            mask: &mask,
-            sim: &Similarity::IDENTITY,
-        });
+        let acc = accumulated(src, &target);
         let sel = acc.select(Prior::Zero).expect("enough samples");
         sel.tone.expect("a tone curve keeps the tone part")
     }
