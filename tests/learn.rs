@@ -197,9 +197,11 @@ fn a_turned_and_scaled_pair_transfers_like_the_aligned_pair() {
         let (name, edit) = FAMILIES[idx];
         let (aligned, ident) = transfer(&e, &a, &edit(&a), &b, edit);
         let (moved, _) = transfer(&e, &a, &shot_moved(&big, crop, edit), &b, edit);
-        // issue 9 asks for 1 dB. The warp's interpolation, which the fit learns as a slight
-        // blur, costs about 1.5 dB on gamma; on an edit the aligned pair fits almost exactly
-        // (the synthetic vignette, 61 dB) it caps the moved pair near 43 dB instead.
+        eprintln!("{name}: moved {moved:.2} dB, aligned {aligned:.2} dB, identity {ident:.2} dB");
+        // issue 9 asks for 1 dB. Measured (session 9): gamma moved 35.75 dB, aligned 35.39; the
+        // vignette moved 50.68, aligned 51.87 (before the position terms were fitted in one
+        // frame: 41.91 and 61.05; the aligned pair lost its duplicate position columns, which
+        // halved their ridge, model card).
         assert!(
             moved >= (aligned - 2.0).min(40.0),
             "{name}: moved pair {moved:.2} dB, aligned {aligned:.2} dB (identity {ident:.2})"
