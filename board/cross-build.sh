@@ -6,12 +6,13 @@
 # 1. installs what is missing (idempotent): the rustup target, Debian's cross gcc and libc dev
 #    (with the target's linux headers, for the v4l feature's bindgen), qemu-user, libclang-dev;
 # 2. builds the shipped binary: cargo build --release --locked --target TRIPLE --features v4l
-#    -> $CARGO_TARGET_DIR/TRIPLE/release/takumi (CARGO_TARGET_DIR defaults to target/);
+#    -> $CARGO_TARGET_DIR/TRIPLE/release/takumi (CARGO_TARGET_DIR defaults to target/; with
+#    CROSS_PROFILE=P, --profile P and .../TRIPLE/P/takumi);
 #    the linker, the qemu runner and bindgen's sysroot come from .cargo/config.toml;
 # 3. with --test, under qemu-user (the runner in .cargo/config.toml; Cortex-A72 for aarch64,
 #    NEON forced for armv7):
 #    - the engine's golden vectors (tests/golden.rs), the store tests (tests/store.rs) and the
-#      kernel evidence (tests/arm.rs), in the release profile: they reuse the build of step 2,
+#      kernel evidence (tests/arm.rs), in step 2's profile: they reuse the build of step 2,
 #      where the dev profile would build every dependency a second time;
 #    - a `takumi apply` smoke test on the sample pair: learn on the x86 host, apply the template
 #      to the three models/samples/captures/ with the ARM binary, and compare with the host's output
@@ -21,8 +22,10 @@
 #    --smoke runs only the smoke test and the kernel check: no test binaries to build (each is
 #    a fat-LTO link of tract, the dearest step of CI), for the second target in CI.
 #
-# Env: CARGO_TARGET_DIR; HOST_TAKUMI (the x86 reference binary; default: `cargo build --locked`,
-# i.e. $CARGO_TARGET_DIR/debug/takumi, which CI's `cargo test` has already built).
+# Env: CARGO_TARGET_DIR; CROSS_PROFILE (default release, the shipped binary; CI uses ci-arm,
+# release without fat LTO: see Cargo.toml); HOST_TAKUMI (the x86 reference binary; default:
+# `cargo build --locked`, i.e. $CARGO_TARGET_DIR/debug/takumi, which CI's `cargo test` has
+# already built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +53,7 @@ armv7)
 *) usage ;;
 esac
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+profile=${CROSS_PROFILE:-release}
 # the smoke test's tolerance against x86 (see board/README.md, "ARM builds")
 SMOKE_MAX_ABS=${SMOKE_MAX_ABS:-2}
 SMOKE_MIN_PSNR=${SMOKE_MIN_PSNR:-45}
@@ -84,10 +88,10 @@ if ! rustup target list --installed | grep -qx "$triple"; then
     rustup target add "$triple"
 fi
 
-# --- 2. the release binary ------------------------------------------------------------------
-step "cargo build --release --locked --target $triple --features v4l"
-timed cargo build --release --locked --target "$triple" --features v4l
-bin=$CARGO_TARGET_DIR/$triple/release/takumi
+# --- 2. the binary (release unless CROSS_PROFILE) ------------------------------------------
+step "cargo build --profile $profile --locked --target $triple --features v4l"
+timed cargo build --profile "$profile" --locked --target "$triple" --features v4l
+bin=$CARGO_TARGET_DIR/$triple/$profile/takumi
 glibc=$(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
 echo "== cross-build $arch: $bin: $(stat -c %s "$bin") bytes (stripped), needs glibc >= ${glibc#GLIBC_}"
 
@@ -99,7 +103,7 @@ echo "== cross-build $arch: $bin: $(stat -c %s "$bin") bytes (stripped), needs g
 # the host run, where they test the same file-system guarantees.
 if [[ $run_tests -eq 1 ]]; then
     step "tests under $qemu: golden, store, arm"
-    timed cargo test --release --locked --target "$triple" --features v4l \
+    timed cargo test --profile "$profile" --locked --target "$triple" --features v4l \
         --test golden --test store --test arm -- \
         --skip sigkill_during_saves_never_leaves_a_broken_template \
         --skip full_disk_is_an_io_error_and_keeps_the_old_template

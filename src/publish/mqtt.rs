@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rumqttc::tokio_rustls::rustls;
 use rumqttc::{
     AsyncClient, ClientError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, Request,
     Subscribe, SubscribeFilter, TlsConfiguration, Transport,
@@ -699,7 +698,7 @@ fn tls_client_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, LinkE
             .add(cert)
             .map_err(|e| tls_err(&tls.ca_file, format!("unusable CA certificate: {e}")))?;
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err(&tls.ca_file, e.to_string()))?
