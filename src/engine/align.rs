@@ -104,7 +104,7 @@ impl Similarity {
     }
 
     /// M(x, y) for a w x h frame.
-    fn map(&self, w: usize, h: usize, x: f64, y: f64) -> (f64, f64) {
+    pub(crate) fn map(&self, w: usize, h: usize, x: f64, y: f64) -> (f64, f64) {
         let (cx, cy) = centre(w, h);
         let (a, b) = self.ab();
         let (px, py) = (x - cx, y - cy);

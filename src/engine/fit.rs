@@ -164,6 +164,8 @@ pub struct Accumulator {
     tiles: Vec<Normal>,
     /// `HUE_CLASSES` normals per pair (all tiles), pair-major.
     hues: Vec<Normal>,
+    /// Some pair's target frame is not its source frame: the position terms have two frames.
+    moved: bool,
 }
 
 /// The chosen template parts for one direction.
@@ -206,6 +208,7 @@ impl Accumulator {
         let by_hue =
             (0..HUE_CLASSES).map(|c| Normal::sum(cells.iter().skip(c).step_by(HUE_CLASSES)));
         self.hues.extend(by_hue);
+        self.moved |= *d.sim != super::align::Similarity::IDENTITY;
     }
 
     /// Chooses base, parts and ridge strength by validation, then fits them on everything.
@@ -222,7 +225,11 @@ impl Accumulator {
         let (folds, hue_terms) = self.folds();
         let cols = Cols {
             hue_terms,
-            frame: position_frame(&all, hue_terms),
+            frame: if self.moved {
+                position_frame(&all, hue_terms)
+            } else {
+                PositionFrame::Source
+            },
         };
         let scores = Scores::new(&folds, cols);
         Some(Scored { all, scores })
@@ -259,7 +266,7 @@ impl Accumulator {
         };
         let d = solve(&all, base, set, lam, scores.cols);
         let fit_err = match &d {
-            Some(d) => val_error(&all, base, set, d, scores.cols),
+            Some(d) => val_error(&all, base, &columns(set, scores.cols), d),
             None => all.rr[base as usize],
         };
         let (tone, residual) = unpack(d.as_deref(), set);
@@ -348,7 +355,7 @@ impl Accumulator {
             .map(|p| {
                 let (fit, held) = self.leave_out(p);
                 let err = match solve(&fit, base, set, lam, cols) {
-                    Some(d) => val_error(&held, base, set, &d, cols),
+                    Some(d) => val_error(&held, base, &columns(set, cols), &d),
                     None => held.rr[base as usize],
                 };
                 psnr(err, held.n)
@@ -388,9 +395,7 @@ impl Scores {
                     let chol = cholesky(fit, &idx, *lam);
                     for (b, base) in [Base::Hypernet, Base::Identity].into_iter().enumerate() {
                         err[b][set as usize][li] += match &chol {
-                            Some(l) => {
-                                val_error(val, base, set, &solve_with(l, fit, base, &idx), cols)
-                            }
+                            Some(l) => val_error(val, base, &idx, &solve_with(l, fit, base, &idx)),
                             None => f64::INFINITY,
                         };
                     }
@@ -511,7 +516,7 @@ fn position_frame(all: &Normal, hue_terms: bool) -> PositionFrame {
     let err = |frame| {
         let cols = Cols { hue_terms, frame };
         solve(all, Base::Identity, ALL, LAMBDAS.len() / 2, cols).map_or(f64::INFINITY, |d| {
-            val_error(all, Base::Identity, ALL, &d, cols)
+            val_error(all, Base::Identity, &columns(ALL, cols), &d)
         })
     };
     if err(PositionFrame::Target) < err(PositionFrame::Source) {
@@ -604,12 +609,11 @@ fn solve_with(l: &[f64], n: &Normal, base: Base, idx: &[usize]) -> Vec<f64> {
 }
 
 /// sum over the region of |r - phi.d|^2, from its normal equations.
-fn val_error(n: &Normal, base: Base, set: u8, d: &[f64], cols: Cols) -> f64 {
-    let idx = columns(set, cols);
+fn val_error(n: &Normal, base: Base, idx: &[usize], d: &[f64]) -> f64 {
     let v = &n.v[base as usize];
     let mut e = n.rr[base as usize];
     for c in 0..3 {
-        for &p in &idx {
+        for &p in idx {
             let dp = d[p * 3 + c];
             let md: f64 = idx.iter().map(|&q| sym(&n.m, p, q) * d[q * 3 + c]).sum();
             e += dp * md - 2.0 * dp * v[p * 3 + c];
@@ -670,12 +674,8 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, cells: &mut [Normal], 
             let (rgb, (l0, w0, w1)) = pixel_at(d.src, d.blurs, i, &mut f);
             let t = &mut cells[(trow * TILES + x * TILES / w) * HUE_CLASSES + hue_class(rgb)];
             bank::features(d.src, d.blurs, d.planes, x, y, &mut phi);
-            let (mx, my) = (
-                m[0] * x as f64 + m[1] * y as f64 + m[2],
-                m[3] * x as f64 + m[4] * y as f64 + m[5],
-            );
-            let uv = |p: f64, n: usize| (2.0 * p / (n - 1).max(1) as f64 - 1.0) as f32;
-            bank::position(uv(mx, w), uv(my, h), rgb, &mut moved);
+            let (u, v) = target_uv(&m, w, h, x, y);
+            bank::position(u, v, rgb, &mut moved);
             // phi is sparse: two luminance bins of the tone offset, then the residual stage
             let mut segs: [(usize, &[f64]); 3] = [(0, &[]); 3];
             let mut ns = 0;
@@ -699,6 +699,17 @@ fn accumulate(d: &PairData, rows: std::ops::Range<usize>, cells: &mut [Normal], 
             add_sample(t, &segs[..=ns], &r);
         }
     }
+}
+
+/// Where pixel (x, y) of a w x h source frame sits in the target's frame, in the [-1, 1]
+/// coordinates of the position terms; `m` is `Similarity::matrix` (once per pair, not per pixel).
+fn target_uv(m: &[f64; 6], w: usize, h: usize, x: usize, y: usize) -> (f32, f32) {
+    let (x, y) = (x as f64, y as f64);
+    let uv = |p: f64, n: usize| (2.0 * p / (n - 1).max(1) as f64 - 1.0) as f32;
+    (
+        uv(m[0] * x + m[1] * y + m[2], w),
+        uv(m[3] * x + m[4] * y + m[5], h),
+    )
 }
 
 /// A pixel's class for the hue folds: 0 grey, 1 or 2 its side of the hue circle.
@@ -845,14 +856,12 @@ mod tests {
     /// pixels into (u, v in [-1, 1] across that frame, r2 = (u^2 + v^2) / 2).
     fn vignetted(src: &Frame, sim: &Similarity) -> Frame {
         let (w, h) = (src.width, src.height);
-        let m = sim.matrix(w, h);
         let mut out = src.clone();
         for y in 0..h {
             for x in 0..w {
-                let (mx, my) = (
-                    m[0] * x as f64 + m[1] * y as f64 + m[2],
-                    m[3] * x as f64 + m[4] * y as f64 + m[5],
-                );
+                // through `Similarity::map`, not the matrix that `accumulate` uses: the two checked
+                // against each other
+                let (mx, my) = sim.map(w, h, x as f64, y as f64);
                 let (u, v) = (
                     2.0 * mx / (w - 1) as f64 - 1.0,
                     2.0 * my / (h - 1) as f64 - 1.0,
