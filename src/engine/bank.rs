@@ -16,6 +16,8 @@ pub const NF: usize = 39;
 pub const BANK: std::ops::Range<usize> = 0..BIAS + 1;
 pub const POSITION: std::ops::Range<usize> = BIAS + 1..NF;
 const BIAS: usize = 18;
+/// The blurred planes (sigma 1, 1.5, 2.5, 6, 12; each `[r, g, b]`) within the bank group.
+pub const BLURS: std::ops::Range<usize> = 3..BIAS;
 /// Blurs the residual stage adds to G's (sigma 1.5 and 6); sigma 12 runs at quarter resolution.
 const SIGMA_FINE: f32 = 1.0;
 const SIGMA_MID: f32 = 2.5;

@@ -84,6 +84,9 @@ struct Cols {
     /// Whether the hue folds ran, and so whether the tone part may use its hue terms.
     hue_terms: bool,
     frame: PositionFrame,
+    /// Whether each output channel's blur features are its own channel's blurred planes only
+    /// (the colour, bias and position terms still mix channels); chosen by validation.
+    per_channel_blurs: bool,
 }
 
 /// The frame the position terms are measured in: the source's, or the target's own.
@@ -230,8 +233,20 @@ impl Accumulator {
             } else {
                 PositionFrame::Source
             },
+            per_channel_blurs: false,
         };
-        let scores = Scores::new(&folds, cols);
+        let mixed = Scores::new(&folds, cols, None);
+        let own_cols = Cols {
+            per_channel_blurs: true,
+            ..cols
+        };
+        let own = Scores::new(&folds, own_cols, Some(&mixed));
+        let best = |s: &Scores| s.search(|_, _| true).3;
+        let scores = if best(&own) < best(&mixed) {
+            own
+        } else {
+            mixed
+        };
         Some(Scored { all, scores })
     }
 
@@ -383,22 +398,34 @@ struct Scores {
 }
 
 impl Scores {
-    fn new(folds: &[(Normal, Normal)], cols: Cols) -> Self {
+    /// `same`: scores already computed with the same columns for the sets without the bank
+    /// part (where `per_channel_blurs` changes nothing), copied instead of computed again.
+    fn new(folds: &[(Normal, Normal)], cols: Cols, same: Option<&Scores>) -> Self {
         let mut err = [[[0.0f64; LAMBDAS.len()]; 1 << GROUPS]; 2];
         for (fit, val) in folds {
             for (e, rr) in err.iter_mut().zip(val.rr) {
                 e[0].iter_mut().for_each(|x| *x += rr);
             }
             for set in 1..(1u8 << GROUPS) {
+                if set & 2 == 0 && same.is_some() {
+                    continue;
+                }
                 let idx = columns(set, cols);
                 for (li, lam) in LAMBDAS.iter().enumerate() {
-                    let chol = cholesky(fit, &idx, *lam);
+                    let chol = factor(fit, &idx, *lam);
                     for (b, base) in [Base::Hypernet, Base::Identity].into_iter().enumerate() {
                         err[b][set as usize][li] += match &chol {
                             Some(l) => val_error(val, base, &idx, &solve_with(l, fit, base, &idx)),
                             None => f64::INFINITY,
                         };
                     }
+                }
+            }
+        }
+        if let Some(same) = same {
+            for (b, by_set) in err.iter_mut().enumerate() {
+                for set in (0..1 << GROUPS).filter(|set| set & 2 == 0) {
+                    by_set[set] = same.err[b][set];
                 }
             }
         }
@@ -492,13 +519,15 @@ impl Scores {
 /// one side of the hue circle only, no fold can check how those terms carry the edit to the
 /// other side, and they carried it badly (hue rotations 3.5 dB below the same fit without
 /// them, eval_cli.py); the tone part's colour terms then extrapolate linearly per luminance bin.
-fn columns(set: u8, cols: Cols) -> Vec<usize> {
+fn columns(set: u8, cols: Cols) -> Idx {
     let mut idx = Vec::new();
     if set & 1 != 0 {
         idx.extend((0..TONE_P).filter(|i| cols.hue_terms || i % K < K - HUES));
     }
+    let own = set & 2 != 0 && cols.per_channel_blurs;
     if set & 2 != 0 {
-        idx.extend(bank::BANK.map(|j| TONE_P + j));
+        let mixed = |j: &usize| !own || !bank::BLURS.contains(j);
+        idx.extend(bank::BANK.filter(mixed).map(|j| TONE_P + j));
     }
     if set & 4 != 0 {
         match cols.frame {
@@ -506,7 +535,38 @@ fn columns(set: u8, cols: Cols) -> Vec<usize> {
             PositionFrame::Target => idx.extend(MOVED..P),
         }
     }
-    idx
+    let shared = idx.len();
+    let channel = |c: usize| {
+        let mut cols = idx.clone();
+        if own {
+            cols.extend(bank::BLURS.skip(c).step_by(3).map(|j| TONE_P + j));
+        }
+        cols
+    };
+    Idx {
+        of: std::array::from_fn(channel),
+        shared,
+    }
+}
+
+/// The unknowns of each output channel: the first `shared` are the same for all three (the
+/// channel's own come last, so that one Cholesky factor of the shared ones serves all three).
+struct Idx {
+    of: [Vec<usize>; 3],
+    shared: usize,
+}
+
+/// `cholesky` of each output channel's unknowns: one factor when they are the same, else the
+/// shared unknowns' factor extended by each channel's own.
+fn factor(n: &Normal, idx: &Idx, lam: f64) -> Option<Vec<Vec<f64>>> {
+    let shared = cholesky(n, &idx.of[0][..idx.shared], lam, None)?;
+    if idx.shared == idx.of[0].len() {
+        return Some(vec![shared]);
+    }
+    idx.of
+        .iter()
+        .map(|of| cholesky(n, of, lam, Some(&shared)))
+        .collect()
 }
 
 /// The frame whose position terms fit all the pair(s) better, with every part in use (a ridge in
@@ -514,7 +574,11 @@ fn columns(set: u8, cols: Cols) -> Vec<usize> {
 /// the same.
 fn position_frame(all: &Normal, hue_terms: bool) -> PositionFrame {
     let err = |frame| {
-        let cols = Cols { hue_terms, frame };
+        let cols = Cols {
+            hue_terms,
+            frame,
+            per_channel_blurs: false,
+        };
         solve(all, Base::Identity, ALL, LAMBDAS.len() / 2, cols).map_or(f64::INFINITY, |d| {
             val_error(all, Base::Identity, &columns(ALL, cols), &d)
         })
@@ -538,7 +602,7 @@ fn solve(n: &Normal, base: Base, set: u8, lam: usize, cols: Cols) -> Option<Vec<
         return Some(vec![0.0; P * 3]);
     }
     let idx = columns(set, cols);
-    let l = cholesky(n, &idx, LAMBDAS[lam])?;
+    let l = factor(n, &idx, LAMBDAS[lam])?;
     Some(solve_with(&l, n, base, &idx))
 }
 
@@ -560,13 +624,20 @@ fn smooth(i: usize, j: usize, mu: f64) -> f64 {
 
 /// Cholesky factor of (m + smoothness + lam I) restricted to `idx`; hand-written because a
 /// ~170 x 170 solve a few hundred times per template does not justify a linear-algebra
-/// dependency. `lam` is relative to the mean diagonal.
-fn cholesky(n: &Normal, idx: &[usize], lam: f64) -> Option<Vec<f64>> {
+/// dependency. `lam` is relative to the mean diagonal. `prefix`: the factor of the first
+/// unknowns of `idx` (a Cholesky factor's leading rows depend on those unknowns only).
+fn cholesky(n: &Normal, idx: &[usize], lam: f64, prefix: Option<&[f64]>) -> Option<Vec<f64>> {
     let scale = ((0..P).map(|i| n.m[i * P + i]).sum::<f64>() / P as f64).max(1e-12);
     let (lam, mu) = (lam * scale, SMOOTH * scale);
     let q = idx.len();
     let mut l = vec![0.0f64; q * q];
-    for i in 0..q {
+    let p = prefix.map_or(0, |f| f.len().isqrt());
+    if let Some(f) = prefix {
+        for i in 0..p {
+            l[i * q..i * q + i + 1].copy_from_slice(&f[i * p..i * p + i + 1]);
+        }
+    }
+    for i in p..q {
         for j in 0..=i {
             let mut s = sym(&n.m, idx[i], idx[j])
                 + smooth(idx[i], idx[j], mu)
@@ -586,11 +657,13 @@ fn cholesky(n: &Normal, idx: &[usize], lam: f64) -> Option<Vec<f64>> {
     Some(l)
 }
 
-fn solve_with(l: &[f64], n: &Normal, base: Base, idx: &[usize]) -> Vec<f64> {
-    let q = idx.len();
+/// `ls`: `factor`'s one factor for all channels, or one per channel.
+fn solve_with(ls: &[Vec<f64>], n: &Normal, base: Base, idx: &Idx) -> Vec<f64> {
     let v = &n.v[base as usize];
     let mut d = vec![0.0f64; P * 3];
     for c in 0..3 {
+        let (l, idx) = (&ls[c.min(ls.len() - 1)], &idx.of[c]);
+        let q = idx.len();
         let mut y = vec![0.0f64; q];
         for i in 0..q {
             let s = v[idx[i] * 3 + c] - (0..i).map(|k| l[i * q + k] * y[k]).sum::<f64>();
@@ -609,10 +682,10 @@ fn solve_with(l: &[f64], n: &Normal, base: Base, idx: &[usize]) -> Vec<f64> {
 }
 
 /// sum over the region of |r - phi.d|^2, from its normal equations.
-fn val_error(n: &Normal, base: Base, idx: &[usize], d: &[f64]) -> f64 {
+fn val_error(n: &Normal, base: Base, idx: &Idx, d: &[f64]) -> f64 {
     let v = &n.v[base as usize];
     let mut e = n.rr[base as usize];
-    for c in 0..3 {
+    for (c, idx) in idx.of.iter().enumerate() {
         for &p in idx {
             let dp = d[p * 3 + c];
             let md: f64 = idx.iter().map(|&q| sym(&n.m, p, q) * d[q * 3 + c]).sum();
@@ -828,6 +901,38 @@ mod tests {
         let acc = accumulated(src, &target);
         let sel = acc.select(Prior::Zero).expect("enough samples");
         sel.tone.expect("a tone curve keeps the tone part")
+    }
+
+    #[test]
+    fn per_channel_blurs_extend_the_shared_factor_exactly() {
+        let src = two_ramps([0.9, 0.55, 0.2], [0.2, 0.45, 0.9]);
+        let all = Normal::sum(&accumulated(&src, &src).tiles);
+        let cols = Cols {
+            hue_terms: true,
+            frame: PositionFrame::Source,
+            per_channel_blurs: true,
+        };
+        let idx = columns(ALL, cols);
+        // each channel: the shared unknowns, then its own 5 blurred planes
+        assert!(idx.of.iter().all(|of| of.len() == idx.shared + 5));
+        assert!(
+            idx.of[1][idx.shared..]
+                .iter()
+                .all(|j| (j - TONE_P) % 3 == 1)
+        );
+        let extended = factor(&all, &idx, 1e-3).expect("positive definite");
+        for (c, l) in extended.iter().enumerate() {
+            let whole = cholesky(&all, &idx.of[c], 1e-3, None).expect("positive definite");
+            let worst = l
+                .iter()
+                .zip(&whole)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-9 * whole.iter().fold(1.0, |m, v| v.abs().max(m)),
+                "{worst}"
+            );
+        }
     }
 
     #[test]
