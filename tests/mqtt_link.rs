@@ -622,6 +622,73 @@ async fn embedded_broker_round_trip() {
     assert_eq!(link.stats().acked, 1);
 }
 
+/// A line client that publishes `go` on `cmd` the moment it sees `online` on `status`; returns
+/// once its subscription is acknowledged.
+async fn sends_on_birth(port: u16, id: &str, status: &str, cmd: &str) -> JoinHandle<()> {
+    let (client, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 16);
+    client.subscribe(status, QoS::AtLeastOnce).await.unwrap();
+    let (ready_tx, mut ready_rx) = mpsc::channel(1);
+    let cmd = cmd.to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.try_send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if &p.payload[..] == b"online" => {
+                    client
+                        .try_publish(&cmd, QoS::AtLeastOnce, false, "go")
+                        .unwrap();
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
+        .await
+        .expect("the line client never got its SUBACK");
+    task
+}
+
+/// A station is subscribed before it says "online": a command sent on its birth message reaches
+/// it. Ten fresh stations: the race this guards against (the station subscribing after the
+/// start, so that the birth could go out first) lost such a command only under load
+/// (tests/run_log.rs, once in a loaded run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_on_the_birth_message_is_received() {
+    let broker = EmbeddedBroker::start(0).unwrap();
+    for round in 0..10 {
+        let (status, cmd) = (format!("t/b{round}/available"), format!("t/b{round}/cmd"));
+        let line = sends_on_birth(broker.port(), &format!("line-{round}"), &status, &cmd).await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = link_config(broker.port(), &format!("station-{round}"));
+        cfg.birth = Some(StatusMessage {
+            topic: status,
+            payload: "online".into(),
+            retain: false,
+        });
+        let filters = [(cmd.clone(), QoS::AtLeastOnce)];
+        let (link, mut rx) = MqttLink::start_subscribed(
+            cfg,
+            open_outbox(dir.path()),
+            Box::new(|_, _| false),
+            &filters,
+        )
+        .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the command sent on \"online\" was lost"))
+            .unwrap();
+        assert_eq!(
+            (got.topic.as_str(), &got.payload[..]),
+            (cmd.as_str(), &b"go"[..])
+        );
+        link.shutdown().await;
+        line.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejects_bad_messages_and_config() {
     let dir = tempfile::tempdir().unwrap();

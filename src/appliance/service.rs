@@ -202,20 +202,13 @@ async fn connect(
     let urgent = Box::new(move |topic: &str, payload: &[u8]| {
         topic == status_topic && is_status_request(payload)
     });
-    let (link, incoming) =
-        MqttLink::start_with_urgent(mc, Arc::new(outbox), urgent).map_err(link_err)?;
-    for topic in [&cmd, &cfg.admin_topic()] {
-        link.subscribe(topic, QoS::AtLeastOnce)
-            .await
-            .map_err(link_err)?;
-    }
+    let mut filters = vec![cmd, cfg.admin_topic()];
     if !local_only {
-        let fleet = format!("{}+", fleet_prefix(cfg));
-        link.subscribe(&fleet, QoS::AtLeastOnce)
-            .await
-            .map_err(link_err)?;
+        filters.push(format!("{}+", fleet_prefix(cfg)));
     }
-    Ok((link, incoming))
+    // subscribed before the birth ("online") goes out, so a command sent on it is not lost
+    let filters: Vec<_> = filters.into_iter().map(|f| (f, QoS::AtLeastOnce)).collect();
+    MqttLink::start_subscribed(mc, Arc::new(outbox), urgent, &filters).map_err(link_err)
 }
 
 /// The link's packet limit: room for the largest command, and for fleet templates.

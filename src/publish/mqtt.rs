@@ -320,6 +320,9 @@ struct Track {
     by_pkid: HashMap<u16, u64>,
     last_progress: Option<Instant>,
     subscriptions: Vec<(String, QoS)>,
+    /// The start's subscriptions go out on the first CONNACK even when the broker kept the
+    /// session (as `subscribe` sends them), so a changed set of filters still reaches it.
+    subscribe_first: bool,
 }
 
 impl Track {
@@ -386,7 +389,23 @@ impl MqttLink {
         outbox: Arc<Outbox>,
         urgent: Urgent,
     ) -> Result<(MqttLink, mpsc::Receiver<Incoming>), LinkError> {
+        Self::start_subscribed(cfg, outbox, urgent, &[])
+    }
+
+    /// [`MqttLink::start_with_urgent`], subscribed to `filters` from the first CONNACK on, ahead
+    /// of the birth message: a client that sends a command as soon as it sees the birth
+    /// ("online") finds the subscription in place. Subscribing after the start raced the birth,
+    /// and the broker dropped such a command (no subscriber yet; tests/run_log.rs saw it).
+    pub fn start_subscribed(
+        cfg: MqttConfig,
+        outbox: Arc<Outbox>,
+        urgent: Urgent,
+        filters: &[(String, QoS)],
+    ) -> Result<(MqttLink, mpsc::Receiver<Incoming>), LinkError> {
         cfg.validate()?;
+        for (filter, _) in filters {
+            check_filter(filter)?;
+        }
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| LinkError::config("runtime", "MqttLink::start needs a tokio runtime"))?;
         let options = mqtt_options(&cfg)?;
@@ -396,6 +415,11 @@ impl MqttLink {
         no_delay(&mut eventloop);
         let (tx, rx) = mpsc::channel(cfg.incoming_capacity.saturating_add(URGENT_SLOTS));
         let shared = Arc::new(Shared::default());
+        {
+            let mut t = shared.lock();
+            t.subscriptions = filters.to_vec();
+            t.subscribe_first = !filters.is_empty();
+        }
         let driver = runtime.spawn(drive(
             eventloop,
             shared.clone(),
@@ -469,12 +493,7 @@ impl MqttLink {
 
     /// Subscribes now if connected, and again after any reconnect that lost the session.
     pub async fn subscribe(&self, filter: &str, qos: QoS) -> Result<(), LinkError> {
-        if filter.is_empty() || !rumqttc::valid_filter(filter) {
-            return Err(LinkError::Topic {
-                topic: filter.to_string(),
-                reason: "not a valid MQTT topic filter".to_string(),
-            });
-        }
+        check_filter(filter)?;
         {
             let mut t = self.shared.lock();
             t.subscriptions.retain(|(f, _)| f != filter);
@@ -808,6 +827,16 @@ async fn drive(
     }
 }
 
+fn check_filter(filter: &str) -> Result<(), LinkError> {
+    if filter.is_empty() || !rumqttc::valid_filter(filter) {
+        return Err(LinkError::Topic {
+            topic: filter.to_string(),
+            reason: "not a valid MQTT topic filter".to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn on_connack(
     el: &mut EventLoop,
     sh: &Shared,
@@ -820,7 +849,8 @@ fn on_connack(
     sh.connected.store(true, Ordering::Relaxed);
     // `pending` goes out before anything in the request channel, and nothing was queued there
     // while disconnected, so the FIFO entry below matches the first PUBLISH rumqttc reports.
-    if !session_present && !t.subscriptions.is_empty() {
+    let first = std::mem::take(&mut t.subscribe_first);
+    if (first || !session_present) && !t.subscriptions.is_empty() {
         let filters = t
             .subscriptions
             .iter()
