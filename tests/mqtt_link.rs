@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Mosquitto, free_port, have_mosquitto};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish};
 use takumi::publish::broker::EmbeddedBroker;
 use takumi::publish::mqtt::{
     Incoming, LinkError, MqttConfig, MqttLink, QoS, StatusMessage, TlsConfig,
@@ -625,30 +625,15 @@ async fn embedded_broker_round_trip() {
 /// A line client that publishes `go` on `cmd` the moment it sees `online` on `status`; returns
 /// once its subscription is acknowledged.
 async fn sends_on_birth(port: u16, id: &str, status: &str, cmd: &str) -> JoinHandle<()> {
-    let (client, mut el) = AsyncClient::new(MqttOptions::new(id, "127.0.0.1", port), 16);
-    client.subscribe(status, QoS::AtLeastOnce).await.unwrap();
-    let (ready_tx, mut ready_rx) = mpsc::channel(1);
     let cmd = cmd.to_string();
-    let task = tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.try_send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) if &p.payload[..] == b"online" => {
-                    client
-                        .try_publish(&cmd, QoS::AtLeastOnce, false, "go")
-                        .unwrap();
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+    subscriber(port, id, status, move |client, p| {
+        if &p.payload[..] == b"online" {
+            client
+                .try_publish(&cmd, QoS::AtLeastOnce, false, "go")
+                .unwrap();
         }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
-        .await
-        .expect("the line client never got its SUBACK");
-    task
+    })
+    .await
 }
 
 /// A station is subscribed before it says "online": a command sent on its birth message reaches
@@ -895,10 +880,25 @@ async fn watcher(
     client_id: &str,
     filter: &str,
 ) -> (mpsc::UnboundedReceiver<Incoming>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = subscriber(port, client_id, filter, move |_, p| {
+        let _ = tx.send(Incoming::new(p.topic, p.payload.to_vec()));
+    })
+    .await;
+    (rx, task)
+}
+
+/// A client subscribed to `filter` (again on every CONNACK) that hands each PUBLISH to
+/// `on_publish`; returns once its first SUBACK has come back.
+async fn subscriber(
+    port: u16,
+    client_id: &str,
+    filter: &str,
+    mut on_publish: impl FnMut(&AsyncClient, Publish) + Send + 'static,
+) -> JoinHandle<()> {
     let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
     o.set_keep_alive(Duration::from_secs(5));
     let (client, mut el) = AsyncClient::new(o, 16);
-    let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, mut ready_rx) = mpsc::channel(1);
     let filter = filter.to_string();
     let task = tokio::spawn(async move {
@@ -910,9 +910,7 @@ async fn watcher(
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     let _ = ready_tx.try_send(());
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send(Incoming::new(p.topic, p.payload.to_vec()));
-                }
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(&client, p),
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -920,8 +918,8 @@ async fn watcher(
     });
     tokio::time::timeout(Duration::from_secs(10), ready_rx.recv())
         .await
-        .expect("watcher never got its SUBACK");
-    (rx, task)
+        .expect("the subscriber never got its SUBACK");
+    task
 }
 
 async fn next_payload(rx: &mut mpsc::UnboundedReceiver<Incoming>, topic: &str) -> String {

@@ -88,7 +88,7 @@ pub async fn start(cfg: Config) -> Result<Running> {
     let watchdog = Watchdog::resolve(cfg.station.watchdog_s)?;
     let parts = Parts::open(&cfg)?;
     let broker_port = parts.broker.as_ref().map(|b| b.port());
-    let (link, incoming) = connect(&cfg, broker_port, !parts.fleet.enabled()).await?;
+    let (link, incoming) = connect(&cfg, broker_port, !parts.fleet.enabled())?;
     let station = Station::new(
         parts.engine,
         parts.store,
@@ -186,8 +186,8 @@ fn mqtt_config(cfg: &Config, broker_port: Option<u16>) -> Result<MqttConfig> {
 
 /// Starts the link on the outbox and subscribes to the commands (cmd, and admin, which the
 /// broker's ACL should let only the operator write), and to the fleet's templates unless the
-/// station is local-only.
-async fn connect(
+/// station is local-only. Called within the runtime: the link spawns its tasks on it.
+fn connect(
     cfg: &Config,
     broker_port: Option<u16>,
     local_only: bool,
