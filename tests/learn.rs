@@ -164,6 +164,29 @@ fn a_vignette_transfers() {
     );
 }
 
+#[test]
+fn an_edit_that_clips_the_pair_transfers_like_one_that_does_not() {
+    let e = engine();
+    let (a, b) = line_pair();
+    let warm: EditFn = |f| map(f, |p| [p[0] * 1.4, p[1] * 1.1, p[2] * 0.8]);
+    let dim = map(&a, |p| p.map(|v| v * 0.7));
+    let clipped =
+        |f: &Frame| f.data.iter().filter(|&&v| v >= 1.0).count() as f32 / f.data.len() as f32;
+    let (share, none) = (clipped(&warm(&a)), clipped(&warm(&dim)));
+    let (p, ident) = transfer(&e, &a, &warm(&a), &b, warm);
+    let (p_dim, _) = transfer(&e, &dim, &warm(&dim), &b, warm);
+    eprintln!(
+        "clipping {:.1} % of the pair: {p:.2} dB; none: {p_dim:.2} dB; identity {ident:.2} dB",
+        100.0 * share
+    );
+    assert!(share > 0.02 && none == 0.0, "{share} {none}");
+    // a clipped value says only that the edit went at least that far (align::mask_clipped)
+    assert!(
+        p >= p_dim - 1.0,
+        "clipped pair {p:.2} dB, unclipped {p_dim:.2} dB"
+    );
+}
+
 /// The part turned by 4 degrees and 5% larger in the after shot, with the edit applied in the
 /// camera's frame (a lens vignette stays with the frame, not with the part).
 fn shot_moved(big: &Frame, crop: (usize, usize, usize, usize), edit: EditFn) -> Frame {

@@ -184,7 +184,8 @@ impl Engine {
         sim: &Similarity,
         delta: &[f32],
     ) -> Result<()> {
-        let (target, mask) = align::warp(dst, sim);
+        let (target, mut mask) = align::warp(dst, sim);
+        align::mask_clipped(dst, sim, &mut mask);
         let blurs = filterbank::blurs(src, self.threads);
         let planes = bank::planes(src, true, self.threads);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
