@@ -187,6 +187,22 @@ fn an_edit_that_clips_the_pair_transfers_like_one_that_does_not() {
     );
 }
 
+/// Almost every pixel of the after shot clipped: nothing is left to fit, so the template is H's
+/// alone, and the quality gate flags its results (README, "Images").
+#[test]
+fn a_pair_clipped_almost_everywhere_keeps_the_hypernetwork_alone() {
+    let e = engine();
+    let a = img("pair_before.jpg");
+    let blown = map(&a, |p| p.map(|v| v * 8.0));
+    let l = e.learn(&[(a.clone(), blown.quantised())]).unwrap();
+    assert!(l.card.registration[0].registered);
+    assert_eq!(l.card.validated_gain_db, None);
+    assert!(l.residual.is_empty());
+    let said = l.card.validation_summary();
+    assert!(said.contains("no closed-form fit"), "{said}");
+    assert!(takumi::engine::quality::QualityConfig::default().needs_review(0.0, &l.card, false));
+}
+
 /// The part turned by 4 degrees and 5% larger in the after shot, with the edit applied in the
 /// camera's frame (a lens vignette stays with the frame, not with the part).
 fn shot_moved(big: &Frame, crop: (usize, usize, usize, usize), edit: EditFn) -> Frame {
