@@ -313,16 +313,12 @@ pub fn mask_clipped(after: &Frame, sim: &Similarity, mask: &mut [bool]) {
     let clipped: Vec<bool> = (0..n)
         .map(|i| (0..3).any(|c| is_clipped(after.data[c * n + i])))
         .collect();
-    if sim.is_integer_shift(w, h) {
-        let (dx, dy) = (sim.dx.round() as i64, sim.dy.round() as i64);
-        for (i, m) in mask.iter_mut().enumerate() {
-            let (x, y) = ((i % w) as i64 + dx, (i / w) as i64 + dy);
-            let inside = (0..w as i64).contains(&x) && (0..h as i64).contains(&y);
-            *m &= !(inside && clipped[y as usize * w + x as usize]);
-        }
-        return;
-    }
-    let near = dilate(&clipped, w, h, 3);
+    // a copied pixel is its own source (the matrix's nearest pixel is exactly the shift's)
+    let near = if sim.is_integer_shift(w, h) {
+        clipped
+    } else {
+        dilate(&clipped, w, h, 3)
+    };
     let m = sim.matrix(w, h);
     for (i, keep) in mask.iter_mut().enumerate().filter(|(_, k)| **k) {
         let (x, y) = ((i % w) as f64, (i / w) as f64);
