@@ -304,6 +304,85 @@ async fn outbox_survives_a_crash_and_delivers_after_restart() {
     drop(broker);
 }
 
+/// The outbox's files on disk.
+fn entry_files(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "msg")
+        })
+        .count()
+}
+
+/// Messages can be sent before their files are written (the fsyncs are off the path to the
+/// broker), and a PUBACK that comes first leaves no file behind.
+#[test]
+fn outbox_messages_are_readable_before_their_files_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), 100, 1 << 20).unwrap();
+    let image = payload(7, 3000);
+    let msgs = [
+        ("t/r/image", image.as_slice(), false),
+        ("t/r", b"{}".as_slice(), false),
+    ];
+    let mut seen = Vec::new();
+    let seqs = ob
+        .push_all(&msgs, true, || {
+            assert_eq!(entry_files(dir.path()), 0, "nothing written yet");
+            let mut cursor = 0;
+            while let Some(seq) = ob.next_after(cursor) {
+                let e = ob.read(seq).unwrap().unwrap();
+                assert_eq!(ob.staged(seq).as_ref(), Some(&e));
+                seen.push((e.topic, e.payload));
+                cursor = seq;
+            }
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        vec![
+            ("t/r/image".to_string(), image),
+            ("t/r".to_string(), b"{}".to_vec())
+        ]
+    );
+    assert_eq!((ob.pending(), entry_files(dir.path())), (seqs.clone(), 2));
+    assert_eq!(ob.staged(seqs[0]), None, "written: read from its file now");
+    // acked while being written: gone from memory at once, and its file once written
+    let msgs = [("t/e", b"event".as_slice(), false)];
+    let seqs = ob
+        .push_all(&msgs, true, || {
+            let seq = ob.next_after(seqs[1]).unwrap();
+            ob.ack(seq).unwrap();
+            assert_eq!(ob.next_after(seqs[1]), None);
+            assert_eq!(ob.read(seq).unwrap(), None);
+        })
+        .unwrap();
+    assert_eq!((ob.len(), entry_files(dir.path())), (2, 2), "{seqs:?}");
+    // the first message refused stops the rest, and what was staged before it is kept
+    let small = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(small.path(), 100, 1_000).unwrap();
+    let big = vec![0; 2_000];
+    let msgs = [
+        ("t/a", b"a".as_slice(), false),
+        ("t/b", big.as_slice(), false),
+        ("t/c", b"c".as_slice(), false),
+    ];
+    let refused = ob.push_all(&msgs, false, || {});
+    assert!(
+        matches!(refused, Err(LinkError::Full { .. })),
+        "{refused:?}"
+    );
+    assert_eq!((ob.len(), entry_files(small.path())), (1, 1));
+    assert_eq!(
+        ob.read(ob.next_after(0).unwrap()).unwrap().unwrap().topic,
+        "t/a"
+    );
+}
+
 /// A full outbox still stores events (its reserve), up to a bound of its own, and reports
 /// itself full to callers that refuse work before doing it.
 #[test]

@@ -281,14 +281,12 @@ impl Writer {
     }
 
     async fn result(&self, meta: ResultMeta, parts: Vec<(String, Vec<u8>)>) {
-        for (topic, payload) in parts {
-            if let Err(e) = self.publisher.publish_reserved(&topic, payload).await {
-                Drops::count(&self.drops.dropped_results);
-                let message = format!("result {}: {e}", meta.id);
-                self.failed(Level::Error, message, Some(meta.request_id))
-                    .await;
-                return;
-            }
+        if let Err(e) = self.publisher.publish_reserved_all(parts).await {
+            Drops::count(&self.drops.dropped_results);
+            let message = format!("result {}: {e}", meta.id);
+            self.failed(Level::Error, message, Some(meta.request_id))
+                .await;
+            return;
         }
         journal::result(&meta);
     }

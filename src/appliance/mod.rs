@@ -1,5 +1,6 @@
 //! The appliance: the station pipeline driven by MQTT commands.
 
+pub mod copies;
 pub mod demo;
 pub mod events;
 pub mod fleet;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::copies::{Copies, Keeper};
 use super::fleet::{Fleet, FleetError, Signed};
 use super::protocol::{
     ApplyMode, Command, Event, Level, Op, ResultMeta, ResultState, TemplateInfo, parse_command,
@@ -74,32 +75,6 @@ struct Kept {
     generation: u64,
 }
 
-/// The approval screen's copies of a result (capture and result, shrunk): made by
-/// [`Station::settle`] once the result is out, since the line waits for the result, not for
-/// them (1-3 ms a result at 640x480 on the build machine). Until then the two frames
-/// themselves, moved, not copied.
-enum Copies {
-    Pending(Box<(Frame, Frame)>),
-    Made { before: RgbImage8, after: RgbImage8 },
-}
-
-impl Copies {
-    fn made(&mut self) -> (RgbImage8, RgbImage8) {
-        match self {
-            Copies::Made { before, after } => (before.clone(), after.clone()),
-            Copies::Pending(frames) => {
-                let before = RgbImage8::downscaled(&frames.0, KEPT_WIDTH);
-                let after = RgbImage8::downscaled(&frames.1, KEPT_WIDTH);
-                *self = Copies::Made {
-                    before: before.clone(),
-                    after: after.clone(),
-                };
-                (before, after)
-            }
-        }
-    }
-}
-
 pub struct Station {
     engine: Engine,
     fleet: Fleet,
@@ -112,6 +87,7 @@ pub struct Station {
     armed: Option<(String, String, bool)>, // (template, request id, reverse)
     pending_next: Option<(String, String, bool)>,
     results: VecDeque<Kept>,
+    keeper: Keeper,
     seq: u64,
     /// Per template name, the count of `changes` when it last changed (learned, installed,
     /// deleted) in this process; a name not here has not changed since the start.
@@ -178,6 +154,7 @@ impl Station {
             armed: None,
             pending_next: None,
             results: VecDeque::new(),
+            keeper: Keeper::start(),
             seq: 0,
             generations: HashMap::new(),
             changes: 0,
@@ -691,7 +668,7 @@ impl Station {
         }
         self.results.push_back(Kept {
             meta: meta.clone(),
-            copies: Copies::Pending(Box::new((frame, out))),
+            copies: Copies::new(frame, out),
             generation: self.generation(template),
         });
         Ok(vec![Outgoing::Result { meta, jpeg }])
@@ -784,13 +761,11 @@ impl Station {
         out
     }
 
-    /// Makes the approval screen's copies of the newest result, once it is out: the pipeline
-    /// calls this after handing on each job's messages.
+    /// Has the approval screen's copies of the newest result made, once it is out: the
+    /// pipeline calls this after handing on each job's messages.
     pub fn settle(&mut self) {
-        if let Some(k) = self.results.back_mut()
-            && matches!(k.copies, Copies::Pending(_))
-        {
-            k.copies.made();
+        if let Some(k) = self.results.back() {
+            self.keeper.settle(&k.copies);
         }
     }
 
@@ -812,9 +787,6 @@ impl Station {
         }
     }
 }
-
-/// The width of the 8-bit copies kept with each result for the approval screen (about 0.25 MB).
-const KEPT_WIDTH: usize = 320;
 
 #[cfg(test)]
 mod tests {

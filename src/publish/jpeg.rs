@@ -172,6 +172,33 @@ mod tests {
         }
     }
 
+    /// vendor/jpeg-encoder is jpeg-encoder 0.6.1 made faster, not changed: these are the
+    /// hashes of the files the crate as published writes, on its AVX2 and its portable path.
+    #[test]
+    fn the_vendored_encoder_writes_the_published_crates_bytes() {
+        let hashes: Vec<String> = [(640, 480), (61, 37), (9, 17)]
+            .into_iter()
+            .map(|(w, h)| {
+                let jpeg = encode(w, h, 1, rows_of(&picture(w, h), w)).unwrap();
+                blake3::hash(&jpeg).to_hex()[..16].to_string()
+            })
+            .collect();
+        // the crate's AVX2 DCT rounds differently from its portable one
+        let published = match avx2() {
+            true => ["c9ced8869a0133f1", "849b7bb59117388e", "dfbb75e72536f312"],
+            false => ["dce9553ed340df91", "e96efcd7d5615dfa", "de00b5647bc2067a"],
+        };
+        assert_eq!(hashes, published);
+    }
+
+    /// Whether jpeg-encoder takes its AVX2 path here, as it detects it.
+    fn avx2() -> bool {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        return std::is_x86_feature_detected!("avx2");
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        false
+    }
+
     #[test]
     fn a_short_buffer_is_an_error_not_a_panic() {
         assert!(encode(4, 4, 2, |_| vec![0; 10]).is_err());

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use super::outbox::Outbox;
+use super::outbox::{Message, Outbox};
 
 pub use crate::config::TlsConfig;
 pub use rumqttc::QoS;
@@ -448,9 +448,9 @@ impl MqttLink {
         Ok((link, rx))
     }
 
-    /// Stores the message in the outbox (fsynced) and queues it for sending at QoS 1. The entry
-    /// is deleted when the broker acks it; until then it is resent after every reconnect and
-    /// restart. Returns the outbox sequence number.
+    /// Stores the message in the outbox (fsynced) and queues it for sending at QoS 1: it is
+    /// sent while its file is written. The entry is deleted when the broker acks it; until then
+    /// it is resent after every reconnect and restart. Returns the outbox sequence number.
     pub async fn publish_durable(
         &self,
         topic: &str,
@@ -458,13 +458,9 @@ impl MqttLink {
         retain: bool,
     ) -> Result<u64, LinkError> {
         self.check_message(topic, payload.len())?;
-        let outbox = self.outbox.clone();
-        let topic = topic.to_string();
-        let seq = tokio::task::spawn_blocking(move || outbox.push(&topic, &payload, retain))
-            .await
-            .map_err(|_| LinkError::Stopped)??;
-        self.shared.wake.notify_one();
-        Ok(seq)
+        let msgs = vec![(topic.to_string(), payload)];
+        let seqs = store(&self.outbox, &self.shared, msgs, retain, false).await?;
+        seqs.first().copied().ok_or(LinkError::Stopped)
     }
 
     /// A handle that stores messages in this link's outbox from another task.
@@ -558,6 +554,16 @@ impl DurablePublisher {
         self.store(topic, payload, false, true).await
     }
 
+    /// `publish_reserved` for messages that belong together (a result's image and its
+    /// metadata): all are sent before any is written, so the broker has the last one about one
+    /// fsync sooner than one message after another. The first refused stops the rest.
+    pub async fn publish_reserved_all(
+        &self,
+        msgs: Vec<(String, Vec<u8>)>,
+    ) -> Result<Vec<u64>, LinkError> {
+        self.store_all(msgs, false, true).await
+    }
+
     /// `MqttLink::publish_durable`, within the outbox's bounds.
     pub async fn publish(
         &self,
@@ -590,21 +596,44 @@ impl DurablePublisher {
         retain: bool,
         reserved: bool,
     ) -> Result<u64, LinkError> {
-        check_message(topic, payload.len(), self.max_packet_bytes)?;
-        let outbox = self.outbox.clone();
-        let topic = topic.to_string();
-        let seq = tokio::task::spawn_blocking(move || {
-            if reserved {
-                outbox.push_reserved(&topic, &payload, retain)
-            } else {
-                outbox.push(&topic, &payload, retain)
-            }
-        })
-        .await
-        .map_err(|_| LinkError::Stopped)??;
-        self.shared.wake.notify_one();
-        Ok(seq)
+        let seqs = self
+            .store_all(vec![(topic.to_string(), payload)], retain, reserved)
+            .await?;
+        seqs.first().copied().ok_or(LinkError::Stopped)
     }
+
+    async fn store_all(
+        &self,
+        msgs: Vec<(String, Vec<u8>)>,
+        retain: bool,
+        reserved: bool,
+    ) -> Result<Vec<u64>, LinkError> {
+        for (topic, payload) in &msgs {
+            check_message(topic, payload.len(), self.max_packet_bytes)?;
+        }
+        store(&self.outbox, &self.shared, msgs, retain, reserved).await
+    }
+}
+
+/// Stores messages in the outbox off the async threads, waking the sender as soon as they are
+/// readable, before their files are written.
+async fn store(
+    outbox: &Arc<Outbox>,
+    shared: &Arc<Shared>,
+    msgs: Vec<(String, Vec<u8>)>,
+    retain: bool,
+    reserved: bool,
+) -> Result<Vec<u64>, LinkError> {
+    let (outbox, shared) = (outbox.clone(), shared.clone());
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<Message> = msgs
+            .iter()
+            .map(|(t, p)| (t.as_str(), p.as_slice(), retain))
+            .collect();
+        outbox.push_all(&refs, reserved, || shared.wake.notify_one())
+    })
+    .await
+    .map_err(|_| LinkError::Stopped)?
 }
 
 /// Hands a message to rumqttc without storing it; only while connected, so that it is not
@@ -952,8 +981,15 @@ async fn send_outbox(
             let Some(seq) = outbox.next_after(cursor) else {
                 break;
             };
-            let ob = outbox.clone();
-            let entry = match tokio::task::spawn_blocking(move || ob.read(seq)).await {
+            // a message still being written is read from memory, without a blocking thread
+            let read = match outbox.staged(seq) {
+                Some(entry) => Ok(Ok(Some(entry))),
+                None => {
+                    let ob = outbox.clone();
+                    tokio::task::spawn_blocking(move || ob.read(seq)).await
+                }
+            };
+            let entry = match read {
                 Ok(Ok(entry)) => entry,
                 Ok(Err(e)) => {
                     tracing::error!(seq, error = %e, "outbox: cannot read entry; retrying in 1 s");

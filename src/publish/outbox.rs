@@ -5,12 +5,20 @@
 //! payload_len u64 | topic | payload | blake3(all bytes before it)`.
 //! A file whose length, header or hash does not match (a torn write, a bad disk) is deleted on
 //! open with a warning; the link then never sends it.
+//!
+//! A message is readable (so sent) from memory as soon as it has its sequence number, while its
+//! file is still being written: the fsyncs are off the path from result to broker. Sending first
+//! loses nothing: until the file is durable a crash would lose the message either way, and once
+//! it is, the message is resent until its PUBACK. If the file cannot be written (a full disk),
+//! a message already sent counts as stored when its PUBACK comes within `ACK_WAIT`, so the line
+//! never both receives a result and hears that it was lost.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::mqtt::LinkError;
 use crate::atomic_write::{self, Durability};
@@ -30,6 +38,10 @@ const SEQ_BLOCK: u64 = 1024;
 /// must the results of work accepted just before the bound was reached (a few large JPEGs).
 pub const RESERVE_ENTRIES: usize = 256;
 pub const RESERVE_BYTES: u64 = 32 << 20;
+/// How long a message whose file could not be written waits for the PUBACK of its copy already
+/// sent: the broker having it is as good as stored, and the caller must not be told "lost" for a
+/// message the line receives.
+const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +53,9 @@ pub struct OutboxEntry {
     pub payload: Vec<u8>,
 }
 
+/// What [`Outbox::push_all`] stores: topic, payload, retain.
+pub type Message<'a> = (&'a str, &'a [u8], bool);
+
 /// A bounded directory of messages waiting for their PUBACK. One `Outbox` (and one link) per
 /// directory: a second user would send and delete the first one's entries.
 #[derive(Debug)]
@@ -49,6 +64,8 @@ pub struct Outbox {
     max_entries: usize,
     max_bytes: u64,
     state: Mutex<State>,
+    /// Signalled when a message being written gets its PUBACK.
+    acked: Condvar,
 }
 
 #[derive(Debug)]
@@ -57,11 +74,22 @@ struct State {
     entries: BTreeMap<u64, u64>,
     bytes: u64,
     next_seq: u64,
-    /// Seqs handed out whose files are still being written, and their sizes.
-    writing: BTreeSet<u64>,
+    /// Messages handed a seq whose files are still being written.
+    writing: BTreeMap<u64, Staged>,
     writing_bytes: u64,
     /// Sequence numbers below this are reserved on disk.
     reserved_to: u64,
+}
+
+/// A message being written, read from memory meanwhile.
+#[derive(Debug)]
+struct Staged {
+    entry: Arc<OutboxEntry>,
+    size: u64,
+    /// Read to be sent: the broker may have it even if its file cannot be written.
+    sent: bool,
+    /// Its PUBACK came before its file was written: the file is deleted once it is.
+    acked: bool,
 }
 
 impl Outbox {
@@ -121,11 +149,12 @@ impl Outbox {
             dir,
             max_entries,
             max_bytes,
+            acked: Condvar::new(),
             state: Mutex::new(State {
                 entries,
                 bytes,
                 next_seq,
-                writing: BTreeSet::new(),
+                writing: BTreeMap::new(),
                 writing_bytes: 0,
                 reserved_to: reserved,
             }),
@@ -139,7 +168,8 @@ impl Outbox {
     /// Stores a QoS 1 message durably (temp file, fsync, rename, fsync dir) and returns its
     /// sequence number. Fails with `Full` over the bounds and leaves nothing behind on error.
     pub fn push(&self, topic: &str, payload: &[u8], retain: bool) -> Result<u64, LinkError> {
-        self.push_within(topic, payload, retain, 0, 0)
+        let seq = self.stage((topic, payload, retain), 0, 0)?;
+        self.commit(seq)
     }
 
     /// Like `push`, but may also use `RESERVE_ENTRIES` / `RESERVE_BYTES` beyond the bounds:
@@ -151,7 +181,52 @@ impl Outbox {
         payload: &[u8],
         retain: bool,
     ) -> Result<u64, LinkError> {
-        self.push_within(topic, payload, retain, RESERVE_ENTRIES, RESERVE_BYTES)
+        let seq = self.stage((topic, payload, retain), RESERVE_ENTRIES, RESERVE_BYTES)?;
+        self.commit(seq)
+    }
+
+    /// Stores several messages in order, calling `staged` once all of them can be read and sent
+    /// (before any file is written), and returns their sequence numbers. The first one refused
+    /// (over the bounds, or its file not written) stops the rest, which are not stored; those
+    /// before it are.
+    pub fn push_all(
+        &self,
+        msgs: &[Message],
+        reserved: bool,
+        staged: impl FnOnce(),
+    ) -> Result<Vec<u64>, LinkError> {
+        let (entries, bytes) = match reserved {
+            true => (RESERVE_ENTRIES, RESERVE_BYTES),
+            false => (0, 0),
+        };
+        let mut seqs = Vec::with_capacity(msgs.len());
+        let mut refused = None;
+        for m in msgs {
+            match self.stage(*m, entries, bytes) {
+                Ok(seq) => seqs.push(seq),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        staged();
+        for (i, seq) in seqs.iter().enumerate() {
+            if let Err(e) = self.commit(*seq) {
+                // the rest are not stored either: a result's metadata never outlives its image
+                seqs[i + 1..].iter().for_each(|s| self.withdraw(*s));
+                return Err(e);
+            }
+        }
+        refused.map_or(Ok(seqs), Err)
+    }
+
+    /// Forgets a staged message without writing it.
+    fn withdraw(&self, seq: u64) {
+        let mut st = self.lock();
+        if let Some(w) = st.writing.remove(&seq) {
+            st.writing_bytes -= w.size;
+        }
     }
 
     /// Whether either bound is reached: callers refuse new work then, rather than doing it and
@@ -162,57 +237,109 @@ impl Outbox {
             || st.bytes + st.writing_bytes >= self.max_bytes
     }
 
-    fn push_within(
+    /// Hands the message a seq within the bounds (plus `extra_*`) and makes it readable.
+    fn stage(
         &self,
-        topic: &str,
-        payload: &[u8],
-        retain: bool,
+        (topic, payload, retain): Message,
         extra_entries: usize,
         extra_bytes: u64,
     ) -> Result<u64, LinkError> {
         let size = (HEADER_LEN + topic.len() + payload.len() + HASH_LEN) as u64;
-        let seq = {
-            let mut st = self.lock();
-            let entries = st.entries.len() + st.writing.len();
-            let bytes = st.bytes + st.writing_bytes;
-            if entries >= self.max_entries + extra_entries
-                || bytes + size > self.max_bytes + extra_bytes
-            {
-                return Err(LinkError::Full { entries, bytes });
-            }
-            let seq = st.next_seq;
-            if seq >= st.reserved_to {
-                let upto = seq + SEQ_BLOCK;
-                write_atomic(&self.dir, SEQ_FILE, &[&upto.to_le_bytes()])?;
-                st.reserved_to = upto;
-            }
-            st.next_seq = seq + 1;
-            st.writing.insert(seq);
-            st.writing_bytes += size;
-            seq
+        let mut st = self.lock();
+        let entries = st.entries.len() + st.writing.len();
+        let bytes = st.bytes + st.writing_bytes;
+        if entries >= self.max_entries + extra_entries
+            || bytes + size > self.max_bytes + extra_bytes
+        {
+            return Err(LinkError::Full { entries, bytes });
+        }
+        let seq = st.next_seq;
+        if seq >= st.reserved_to {
+            let upto = seq + SEQ_BLOCK;
+            write_atomic(&self.dir, SEQ_FILE, &[&upto.to_le_bytes()])?;
+            st.reserved_to = upto;
+        }
+        st.next_seq = seq + 1;
+        let entry = Arc::new(OutboxEntry {
+            seq,
+            topic: topic.to_string(),
+            qos: 1,
+            retain,
+            payload: payload.to_vec(),
+        });
+        let (sent, acked) = (false, false);
+        st.writing.insert(
+            seq,
+            Staged {
+                entry,
+                size,
+                sent,
+                acked,
+            },
+        );
+        st.writing_bytes += size;
+        Ok(seq)
+    }
+
+    /// Writes a staged message's file; on error it is gone from memory and disk.
+    fn commit(&self, seq: u64) -> Result<u64, LinkError> {
+        let Some(entry) = self.lock().writing.get(&seq).map(|s| s.entry.clone()) else {
+            return Err(LinkError::io(&self.dir, io::ErrorKind::NotFound.into()));
         };
         // Written without the lock so acks (from the network task) never wait for an fsync.
-        let header = encode_header(seq, topic, payload.len(), retain);
+        let header = encode_header(seq, &entry.topic, entry.payload.len(), entry.retain);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header);
-        hasher.update(topic.as_bytes());
-        hasher.update(payload);
+        hasher.update(entry.topic.as_bytes());
+        hasher.update(&entry.payload);
         let hash = hasher.finalize();
         let name = entry_name(seq);
-        let parts: [&[u8]; 4] = [&header, topic.as_bytes(), payload, hash.as_bytes()];
+        let parts: [&[u8]; 4] = [
+            &header,
+            entry.topic.as_bytes(),
+            &entry.payload,
+            hash.as_bytes(),
+        ];
         let written = write_atomic(&self.dir, &name, &parts);
-        if written.is_err() {
-            // The rename may have happened before the dir fsync failed: the caller is told
-            // "not stored", so make that true.
-            let _ = fs::remove_file(self.dir.join(&name));
-        }
         let mut st = self.lock();
-        st.writing.remove(&seq);
-        st.writing_bytes -= size;
-        written?;
-        st.entries.insert(seq, size);
-        st.bytes += size;
+        if written.is_err() {
+            st = self.await_ack(st, seq);
+        }
+        let Some(staged) = st.writing.remove(&seq) else {
+            return Err(LinkError::io(&self.dir, io::ErrorKind::NotFound.into()));
+        };
+        st.writing_bytes -= staged.size;
+        if written.is_err() || staged.acked {
+            drop(st);
+            // After a failed dir fsync the rename may have happened: the caller is told "not
+            // stored", so make that true. An acked message needs no file, and is delivered.
+            let _ = fs::remove_file(self.dir.join(&name));
+            if let (Err(e), true) = (&written, staged.acked) {
+                tracing::warn!(seq, error = %e, "outbox: not stored, but the broker has it");
+            }
+            return written
+                .map(|()| seq)
+                .or_else(|e| staged.acked.then_some(seq).ok_or(e));
+        }
+        st.entries.insert(seq, staged.size);
+        st.bytes += staged.size;
         Ok(seq)
+    }
+
+    /// Waits up to `ACK_WAIT` for the PUBACK of message `seq` if it was read to be sent.
+    fn await_ack<'a>(&self, mut st: MutexGuard<'a, State>, seq: u64) -> MutexGuard<'a, State> {
+        let until = Instant::now() + ACK_WAIT;
+        while st.writing.get(&seq).is_some_and(|w| w.sent && !w.acked) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match self.acked.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        st
     }
 
     /// Sequence numbers of all stored entries, oldest first.
@@ -220,18 +347,35 @@ impl Outbox {
         self.lock().entries.keys().copied().collect()
     }
 
-    /// The oldest stored entry with a sequence number above `seq`. Entries appear in seq order:
-    /// none is returned while an older one is still being written, so a sender walking
-    /// upwards from its last seq skips nothing.
+    /// The oldest entry, stored or being written, with a sequence number above `seq` and no
+    /// PUBACK yet. Seqs are handed out in order under the lock and each is readable from then
+    /// until acked, so a sender walking upwards from its last seq skips nothing.
     pub fn next_after(&self, seq: u64) -> Option<u64> {
         let st = self.lock();
-        let limit = st.writing.first().copied().unwrap_or(u64::MAX);
-        st.entries.range(seq + 1..limit).next().map(|(s, _)| *s)
+        let stored = st.entries.range(seq + 1..).next().map(|(s, _)| *s);
+        let writing = st.writing.range(seq + 1..).find(|(_, w)| !w.acked);
+        match (stored, writing.map(|(s, _)| *s)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Reads one entry. `Ok(None)` when it is gone (acked) or was damaged (then it is deleted
-    /// and logged: resending garbage helps nobody).
+    /// The entry, from memory, if its file is still being written and it has no PUBACK yet. It
+    /// counts as sent from then on (see `ACK_WAIT`).
+    pub fn staged(&self, seq: u64) -> Option<OutboxEntry> {
+        let mut st = self.lock();
+        let w = st.writing.get_mut(&seq).filter(|w| !w.acked)?;
+        w.sent = true;
+        Some(OutboxEntry::clone(&w.entry))
+    }
+
+    /// Reads one entry, from memory while its file is being written. `Ok(None)` when it is
+    /// gone (acked) or was damaged (then it is deleted and logged: resending garbage helps
+    /// nobody).
     pub fn read(&self, seq: u64) -> Result<Option<OutboxEntry>, LinkError> {
+        if self.lock().writing.contains_key(&seq) {
+            return Ok(self.staged(seq));
+        }
         if !self.lock().entries.contains_key(&seq) {
             return Ok(None);
         }
@@ -255,6 +399,11 @@ impl Outbox {
     /// come back and be sent again, which at-least-once allows.
     pub fn ack(&self, seq: u64) -> Result<(), LinkError> {
         let mut st = self.lock();
+        if let Some(w) = st.writing.get_mut(&seq) {
+            w.acked = true;
+            self.acked.notify_all();
+            return Ok(());
+        }
         let Some(size) = st.entries.remove(&seq) else {
             return Ok(());
         };
