@@ -555,8 +555,8 @@ impl DurablePublisher {
     }
 
     /// `publish_reserved` for messages that belong together (a result's image and its
-    /// metadata): all are sent before any is written, so the broker has the last one about one
-    /// fsync sooner than one message after another. The first refused stops the rest.
+    /// metadata): all are staged and sent before any file is written, so none waits for
+    /// another's fsync. The first refused stops the rest, which are not stored.
     pub async fn publish_reserved_all(
         &self,
         msgs: Vec<(String, Vec<u8>)>,
