@@ -135,6 +135,20 @@ fn open_outbox(dir: &Path) -> Arc<Outbox> {
     Arc::new(Outbox::open(dir, 10_000, 256 << 20).unwrap())
 }
 
+/// The outbox's files on disk.
+fn entry_files(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "msg")
+        })
+        .count()
+}
+
 // ---------- tests ----------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,20 +190,7 @@ async fn durable_bulk_200_images_reach_subscriber() {
     assert_eq!(sub.damaged.load(Ordering::Relaxed), 0, "damaged payloads");
     assert_eq!(stats.acked, n);
     assert!(outbox.pending().is_empty());
-    assert_eq!(
-        fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "msg")
-            })
-            .count(),
-        0,
-        "entry files left on disk"
-    );
+    assert_eq!(entry_files(dir.path()), 0, "entry files left on disk");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,20 +303,6 @@ async fn outbox_survives_a_crash_and_delivers_after_restart() {
     assert_eq!(link.stats().acked, n);
     assert_eq!(sub.damaged.load(Ordering::Relaxed), 0);
     drop(broker);
-}
-
-/// The outbox's files on disk.
-fn entry_files(dir: &Path) -> usize {
-    fs::read_dir(dir)
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "msg")
-        })
-        .count()
 }
 
 /// Messages can be sent before their files are written (the fsyncs are off the path to the
