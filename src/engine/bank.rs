@@ -6,9 +6,19 @@
 //! Feature order (`NF` = 39): colour (3), blurs at sigma 1, 1.5, 2.5, 6, 12 (3 each), a bias,
 //! then position: u, v, r2, r2^2, r2^3, and each of u, v, r2, r2^2, r2^3 times the colour
 //! (u, v in [-1, 1] across the frame; r2 = (u^2 + v^2) / 2, 1 in the corners).
+//!
+//! How it runs: the weights of the features slicing computes anyway (colour, G's two blurs, the
+//! bias) are added to G's grid before slicing ([`fold`]), which costs nothing per pixel. The rest
+//! (its own three blurs and the position terms) is one vectorised pass over the output rows
+//! ([`apply`]); the sigma-12 blur stays at quarter resolution until that pass interpolates it.
 
-use super::filterbank::{Blurs, blur_into, blur_plane, gauss_kernel};
-use super::par;
+use pulp::{Simd, WithSimd};
+
+use super::filterbank::{
+    Blurs, blur_into, blur_plane, gauss_kernel, give_back, load_n, store_n, take_planes,
+};
+use super::model::{GRID, K, LBINS};
+use super::{kernels, par};
 use crate::Frame;
 
 pub const NF: usize = 39;
@@ -23,11 +33,39 @@ const SIGMA_FINE: f32 = 1.0;
 const SIGMA_MID: f32 = 2.5;
 const SIGMA_WIDE: f32 = 12.0;
 const WIDE_STEP: usize = 4;
+/// The residual's features that slicing's features hold too, as (residual j, slicing k):
+/// colour, G's two blurs and the bias. Their weights fold into G's grid (see [`fold`]).
+const IN_SLICING: [(usize, usize); 10] = [
+    (0, 0),
+    (1, 1),
+    (2, 2),
+    (6, 3),
+    (7, 4),
+    (8, 5),
+    (12, 6),
+    (13, 7),
+    (14, 8),
+    (BIAS, 9),
+];
+/// The residual's own blurs: sigma 1 (`FINE + c`), 2.5 and 12.
+const FINE: usize = 3;
+const MID: usize = 9;
+const WIDE: usize = 15;
 
-/// The extra blurred planes of one frame, `[sigma 1, 2.5, 12][channel]`; empty when the
-/// residual's bank group is all zero (nothing to compute).
+/// The residual stage's own blurred planes of one frame; empty when its weights use none.
 pub struct Planes {
-    blurs: Vec<[Vec<f32>; 3]>,
+    /// Sigma 1 and 2.5 at full resolution, `[fine r, g, b, mid r, g, b]`.
+    full: [Vec<f32>; 6],
+    /// Sigma 12 at quarter resolution (`small_w x small_h`), `[channel]`; upsampled bilinearly.
+    wide: [Vec<f32>; 3],
+    small_w: usize,
+    small_h: usize,
+}
+
+impl Drop for Planes {
+    fn drop(&mut self) {
+        give_back(self.full.iter_mut());
+    }
 }
 
 /// Whether weights `w` (`NF x 3`, feature-major) use any feature of `range`.
@@ -39,61 +77,79 @@ pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
 }
 
 pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
+    let mut p = Planes {
+        full: Default::default(),
+        wide: Default::default(),
+        small_w: 0,
+        small_h: 0,
+    };
     if !need_blurs {
-        return Planes { blurs: Vec::new() };
+        return p;
     }
     let (w, h) = (f.width, f.height);
     let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
-    let mut fine: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; w * h]);
-    let mut mid: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; w * h]);
-    let [f0, f1, f2] = &mut fine;
-    let [m0, m1, m2] = &mut mid;
-    let outs = [f0, f1, f2, m0, m1, m2].map(|v| v.as_mut_slice());
+    p.full = take_planes::<6>(w * h);
     let srcs = [f.plane(0), f.plane(1), f.plane(2)];
-    blur_into(&srcs, w, h, &k1, &k2, outs, threads);
-    let wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
-    Planes {
-        blurs: vec![fine, mid, wide],
-    }
+    blur_into(
+        &srcs,
+        w,
+        h,
+        &k1,
+        &k2,
+        p.full.each_mut().map(|v| v.as_mut_slice()),
+        threads,
+    );
+    (p.small_w, p.small_h) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
+    p.wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
+    p
 }
 
-/// A sigma-12 gaussian as a box-downsample by 4, a sigma-3 blur and a bilinear upsample:
-/// 16x fewer taps than at full resolution, and the result is smooth either way.
+/// A sigma-12 gaussian as a box-downsample by 4 and a sigma-3 blur, upsampled bilinearly where
+/// it is read: 16x fewer taps than at full resolution, and the result is smooth either way.
 fn wide_blur(p: &[f32], w: usize, h: usize, threads: usize) -> Vec<f32> {
     let (ws, hs) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
     let mut small = vec![0.0f32; ws * hs];
-    for ys in 0..hs {
-        for xs in 0..ws {
-            let (y0, x0) = (ys * WIDE_STEP, xs * WIDE_STEP);
-            let (y1, x1) = ((y0 + WIDE_STEP).min(h), (x0 + WIDE_STEP).min(w));
-            let mut s = 0.0f32;
-            for y in y0..y1 {
-                s += p[y * w + x0..y * w + x1].iter().sum::<f32>();
+    par::rows(&mut small, ws, threads, |ys0, band| {
+        // the block's rows summed first: whole rows vectorise, and each pixel is read once
+        let mut sum = vec![0.0f32; w];
+        for (dy, out) in band.chunks_mut(ws).enumerate() {
+            let y0 = (ys0 + dy) * WIDE_STEP;
+            let y1 = (y0 + WIDE_STEP).min(h);
+            sum.copy_from_slice(&p[y0 * w..(y0 + 1) * w]);
+            for y in y0 + 1..y1 {
+                sum.iter_mut()
+                    .zip(&p[y * w..(y + 1) * w])
+                    .for_each(|(s, v)| *s += v);
             }
-            small[ys * ws + xs] = s / ((y1 - y0) * (x1 - x0)) as f32;
-        }
-    }
-    let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
-    let small = blur_plane(&small, ws, hs, &k, 1);
-    let mut out = vec![0.0f32; w * h];
-    let src = |d: usize, n: usize| {
-        let s = ((d as f32 + 0.5) / WIDE_STEP as f32 - 0.5).clamp(0.0, (n - 1) as f32);
-        let i0 = s as usize;
-        (i0, (i0 + 1).min(n - 1), s - i0 as f32)
-    };
-    let xs: Vec<_> = (0..w).map(|x| src(x, ws)).collect();
-    par::rows(&mut out, w, threads, |y0, band| {
-        for (dy, row) in band.chunks_mut(w).enumerate() {
-            let (a, b, fy) = src(y0 + dy, hs);
-            let (ra, rb) = (&small[a * ws..(a + 1) * ws], &small[b * ws..(b + 1) * ws]);
-            for (o, &(i0, i1, fx)) in row.iter_mut().zip(&xs) {
-                let top = ra[i0] + fx * (ra[i1] - ra[i0]);
-                let bot = rb[i0] + fx * (rb[i1] - rb[i0]);
-                *o = top + fy * (bot - top);
+            for (o, block) in out.iter_mut().zip(sum.chunks(WIDE_STEP)) {
+                *o = block.iter().sum::<f32>() / (block.len() * (y1 - y0)) as f32;
             }
         }
     });
-    out
+    let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
+    blur_plane(&small, ws, hs, &k, threads.min(2))
+}
+
+/// Where full-resolution column (or row) d reads the quarter-resolution plane of n: the two
+/// samples and the weight of the second.
+#[inline]
+fn wide_src(d: usize, n: usize) -> (usize, usize, f32) {
+    let s = ((d as f32 + 0.5) / WIDE_STEP as f32 - 0.5).clamp(0.0, (n - 1) as f32);
+    let i0 = s as usize;
+    (i0, (i0 + 1).min(n - 1), s - i0 as f32)
+}
+
+impl Planes {
+    /// The sigma-12 blur of `plane` (`ws x hs`, as [`wide_blur`] makes it) at (x, y) of w x h.
+    fn wide_at(&self, plane: &[f32], x: usize, y: usize, w: usize, h: usize) -> f32 {
+        let ws = self.small_w;
+        let ((a, b, fy), (i0, i1, fx)) = (wide_src(y, self.small_h), wide_src(x, ws));
+        let (ra, rb) = (&plane[a * ws..(a + 1) * ws], &plane[b * ws..(b + 1) * ws]);
+        debug_assert!(ws == w.div_ceil(WIDE_STEP) && self.small_h == h.div_ceil(WIDE_STEP));
+        let top = ra[i0] + fx * (ra[i1] - ra[i0]);
+        let bot = rb[i0] + fx * (rb[i1] - rb[i0]);
+        top + fy * (bot - top)
+    }
 }
 
 /// Normalised position of column x / row y: -1 at the first, +1 at the last.
@@ -109,7 +165,7 @@ fn coord(i: usize, n: usize) -> f32 {
 /// All `NF` features of pixel (x, y). Blur features are 0 when `planes` holds none.
 #[inline]
 pub fn features(f: &Frame, g: &Blurs, planes: &Planes, x: usize, y: usize, out: &mut [f32; NF]) {
-    let rgb = colour_features(f, g, planes, y * f.width + x, out);
+    let rgb = colour_features(f, g, planes, x, y, out);
     position(
         coord(x, f.width),
         coord(y, f.height),
@@ -125,16 +181,17 @@ fn position_slot(out: &mut [f32; NF]) -> &mut [f32; POSITION_LEN] {
     pos.try_into().unwrap_or_else(|_| unreachable!())
 }
 
-/// The bank group's features of pixel i (colour, blurs, bias); returns the colour.
+/// The bank group's features of pixel (x, y) (colour, blurs, bias); returns the colour.
 #[inline]
 fn colour_features(
     f: &Frame,
     g: &Blurs,
     planes: &Planes,
-    i: usize,
+    x: usize,
+    y: usize,
     out: &mut [f32; NF],
 ) -> [f32; 3] {
-    let n = f.width * f.height;
+    let (n, i) = (f.width * f.height, y * f.width + x);
     let rgb = [f.data[i], f.data[n + i], f.data[2 * n + i]];
     out[BANK].fill(0.0);
     out[..3].copy_from_slice(&rgb);
@@ -142,11 +199,11 @@ fn colour_features(
         out[6 + c] = g.planes[0][c][i];
         out[12 + c] = g.planes[1][c][i];
     }
-    if let [b1, b25, b12] = planes.blurs.as_slice() {
+    if planes.full[0].len() == n {
         for c in 0..3 {
-            out[3 + c] = b1[c][i];
-            out[9 + c] = b25[c][i];
-            out[15 + c] = b12[c][i];
+            out[FINE + c] = planes.full[c][i];
+            out[MID + c] = planes.full[3 + c][i];
+            out[WIDE + c] = planes.wide_at(&planes.wide[c], x, y, f.width, f.height);
         }
     }
     out[BIAS] = 1.0;
@@ -169,117 +226,209 @@ pub fn position(u: f32, v: f32, rgb: [f32; 3], out: &mut [f32; POSITION_LEN]) {
     }
 }
 
-/// Adds the residual stage to `out` (G's result on `src`), in place. `w` is `NF x 3`.
-///
-/// Feature by feature over whole rows (out += w_j * phi_j), not pixel by pixel: each step is a
-/// contiguous multiply-add that vectorises, where a per-pixel dot product of 39 features was a
-/// chain of dependent adds (4x G alone at 640x480 before). Features with zero weight are skipped.
-pub fn apply(out: &mut Frame, src: &Frame, g: &Blurs, w: &[f32], threads: usize) {
-    if w.len() != NF * 3 || w.iter().all(|&v| v == 0.0) {
+/// Adds the weights of the residual's features that slicing computes anyway (colour, G's blurs,
+/// the bias) to every cell and luminance bin of G's `grid` (`[GRID_CH][GRID][GRID]`). Slicing's
+/// interpolation weights sum to one at every pixel, so this adds exactly `w_j * phi_j`, at no
+/// cost per pixel. `w` is `NF x 3`, or empty.
+pub fn fold(grid: &mut [f32], w: &[f32]) {
+    if w.len() != NF * 3 || grid.len() != GRID * GRID * LBINS * 3 * K {
         return;
     }
-    let planes = planes(
-        src,
-        uses(w, 3..6) || uses(w, 9..12) || uses(w, 15..18),
-        threads,
-    );
-    let bank = bank_planes(src, g, &planes);
+    for (l, c) in (0..LBINS).flat_map(|l| (0..3).map(move |c| (l, c))) {
+        for (j, k) in IN_SLICING {
+            let ch = (l * 3 + c) * K + k;
+            grid[ch * GRID * GRID..][..GRID * GRID]
+                .iter_mut()
+                .for_each(|v| *v += w[3 * j + c]);
+        }
+    }
+}
+
+/// Adds the residual's features that slicing does not hold (its own blurs and the position
+/// terms) to `out`, G's result on `src` with the other features folded into G's grid ([`fold`]).
+/// One vectorised pass over each output row; features with zero weight cost nothing. `w` is
+/// `NF x 3`.
+pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
+    if w.len() != NF * 3 {
+        return;
+    }
+    let blurs = uses(w, FINE..FINE + 3) || uses(w, MID..MID + 3) || uses(w, WIDE..WIDE + 3);
     let with_position = uses(w, POSITION);
+    if !blurs && !with_position {
+        return;
+    }
+    let planes = planes(src, blurs, threads);
+    let wide = mixed_wide(&planes, w, src.width);
     let (width, height) = (src.width, src.height);
-    let us: Vec<f32> = (0..width).map(|x| coord(x, width)).collect();
     let n = width * height;
     let (o0, rest) = out.data.split_at_mut(n);
     let (o1, o2) = rest.split_at_mut(n);
     par::planes([o0, o1, &mut o2[..n]], width, threads, |y0, bands| {
-        let mut pos = [(); 5].map(|_| vec![0.0f32; width]);
-        let rows = bands.map(|b| b.chunks_mut(width));
-        for (dy, mut outs) in rows_of(rows).enumerate() {
-            let i0 = (y0 + dy) * width;
-            let row = |p| row_at(p, i0, width);
-            if with_position {
-                position_rows(&us, coord(y0 + dy, height), &mut pos);
-            }
-            for (c, o) in outs.iter_mut().enumerate() {
-                let wc = |j: usize| w[3 * j + c];
-                for (j, p) in &bank {
-                    axpy(o, wc(*j), row(p));
-                }
-                let bias = wc(BIAS);
-                o.iter_mut().for_each(|v| *v += bias);
-                if !with_position {
-                    continue;
-                }
-                for (k, pk) in pos.iter().enumerate() {
-                    let j = POSITION.start + k;
-                    axpy(o, wc(j), pk);
-                    for ch in 0..3 {
-                        let wk = wc(POSITION.start + 5 + 3 * k + ch);
-                        let rgb = row(src.plane(ch));
-                        if wk != 0.0 {
-                            o.iter_mut()
-                                .zip(pk)
-                                .zip(rgb)
-                                .for_each(|((v, p), x)| *v += wk * p * x);
-                        }
-                    }
-                }
-            }
-        }
+        let band = ResidualBand {
+            src,
+            planes: &planes,
+            wide: &wide,
+            w,
+            blurs,
+            with_position,
+            y0,
+            height,
+            out: bands,
+        };
+        kernels::simd(width, band)
     });
 }
 
-/// The planes of the bank group's colour and blur features (index, plane); blurs the frame did
-/// not need (all their weights zero) are left out.
-fn bank_planes<'a>(src: &'a Frame, g: &'a Blurs, planes: &'a Planes) -> Vec<(usize, &'a [f32])> {
-    let mut v: Vec<(usize, &[f32])> = (0..3).map(|c| (c, src.plane(c))).collect();
-    for c in 0..3 {
-        v.push((6 + c, &g.planes[0][c]));
-        v.push((12 + c, &g.planes[1][c]));
+/// Per output channel, the quarter-resolution sigma-12 planes mixed by their weights and
+/// upsampled along their rows to the frame's width (`small_h x width`); the rows in between are
+/// interpolated where they are added. Upsampling is linear, so mixing first upsamples one plane
+/// instead of three. Empty when none is used.
+fn mixed_wide(planes: &Planes, w: &[f32], width: usize) -> Vec<Vec<f32>> {
+    if planes.wide[0].is_empty() || !uses(w, WIDE..WIDE + 3) {
+        return Vec::new();
     }
-    if let [b1, b25, b12] = planes.blurs.as_slice() {
-        for c in 0..3 {
-            v.extend([
-                (3 + c, &b1[c][..]),
-                (9 + c, &b25[c][..]),
-                (15 + c, &b12[c][..]),
-            ]);
-        }
-    }
-    v
+    let ws = planes.small_w;
+    let xs: Vec<_> = (0..width).map(|x| wide_src(x, ws)).collect();
+    (0..3)
+        .map(|c| {
+            let mut m = vec![0.0f32; planes.wide[0].len()];
+            for (ch, p) in planes.wide.iter().enumerate() {
+                let wc = w[3 * (WIDE + ch) + c];
+                m.iter_mut().zip(p).for_each(|(m, v)| *m += wc * v);
+            }
+            let mut wide = vec![0.0f32; planes.small_h * width];
+            for (row, small) in wide.chunks_mut(width).zip(m.chunks(ws)) {
+                for (o, &(i0, i1, fx)) in row.iter_mut().zip(&xs) {
+                    *o = small[i0] + fx * (small[i1] - small[i0]);
+                }
+            }
+            wide
+        })
+        .collect()
 }
 
-/// Row `i0 / width` of plane `p`.
+/// One thread's rows of [`apply`].
+struct ResidualBand<'a> {
+    src: &'a Frame,
+    planes: &'a Planes,
+    wide: &'a [Vec<f32>],
+    w: &'a [f32],
+    blurs: bool,
+    with_position: bool,
+    y0: usize,
+    height: usize,
+    out: [&'a mut [f32]; 3],
+}
+
+impl WithSimd for ResidualBand<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let width = self.src.width;
+        let us: Vec<f32> = (0..width).map(|x| coord(x, width)).collect();
+        let [o0, o1, o2] = self.out;
+        let rows = o0
+            .chunks_mut(width)
+            .zip(o1.chunks_mut(width))
+            .zip(o2.chunks_mut(width));
+        for (dy, ((o0, o1), o2)) in rows.enumerate() {
+            let y = self.y0 + dy;
+            let i0 = y * width;
+            let rgb = [0, 1, 2].map(|c| row_at(self.src.plane(c), i0, width));
+            let blurred = self.planes.full.each_ref().map(|p| row_at(p, i0, width));
+            let v = coord(y, self.height);
+            for (c, o) in [o0, o1, o2].into_iter().enumerate() {
+                let wide = self.wide.get(c).map(|m| {
+                    let (a, b, fy) = wide_src(y, self.planes.small_h);
+                    (row_at(m, a * width, width), row_at(m, b * width, width), fy)
+                });
+                let weights = ChannelWeights::new(self.w, c, v, self.blurs, self.with_position);
+                residual_row(s, o, &rgb, &blurred, wide, &us, &weights);
+            }
+        }
+    }
+}
+
+/// Row `i0 / width` of plane `p`; empty for a plane not computed.
 #[inline]
 fn row_at(p: &[f32], i0: usize, width: usize) -> &[f32] {
-    &p[i0..i0 + width]
+    p.get(i0..i0 + width).unwrap_or_default()
 }
 
-/// The rows of three bands in step: one `[row; 3]` per image row.
-fn rows_of<'a>(
-    mut rows: [std::slice::ChunksMut<'a, f32>; 3],
-) -> impl Iterator<Item = [&'a mut [f32]; 3]> {
-    std::iter::from_fn(move || {
-        let [a, b, c] = rows.each_mut().map(|r| r.next());
-        Some([a?, b?, c?])
-    })
+/// One output channel's weights for one row: the own blurs (fine, mid per input channel), and
+/// the position terms as four polynomials (the offset, then each input channel's factor).
+struct ChannelWeights {
+    blurs: Option<[[f32; 2]; 3]>,
+    position: Option<[Poly; 4]>,
+    /// v^2 of the row, for r2.
+    v2: f32,
 }
 
-/// The position terms u, v, r2, r2^2, r2^3 of one row (v fixed) at the columns' `us`.
-fn position_rows(us: &[f32], v: f32, pos: &mut [Vec<f32>; 5]) {
-    for (x, &u) in us.iter().enumerate() {
-        let r2 = 0.5 * (u * u + v * v);
-        let terms = [u, v, r2, r2 * r2, r2 * r2 * r2];
-        for (p, t) in pos.iter_mut().zip(terms) {
-            p[x] = t;
+/// a*u + b + r2 * (c1 + r2 * (c2 + r2 * c3)): one polynomial of the position terms on a row,
+/// with v's term folded into the constant b.
+type Poly = [f32; 5];
+
+impl ChannelWeights {
+    fn new(w: &[f32], c: usize, v: f32, blurs: bool, with_position: bool) -> Self {
+        let wc = |j: usize| w[3 * j + c];
+        // the offset's terms are u, v, r2, r2^2, r2^3; channel ch's are those times colour ch
+        let poly = |first: usize, step: usize| -> Poly {
+            let t = |k: usize| wc(POSITION.start + first + step * k);
+            [t(0), t(1) * v, t(2), t(3), t(4)]
+        };
+        ChannelWeights {
+            blurs: blurs.then(|| [0, 1, 2].map(|ch| [wc(FINE + ch), wc(MID + ch)])),
+            position: with_position.then(|| [poly(0, 1), poly(5, 3), poly(6, 3), poly(7, 3)]),
+            v2: v * v,
         }
     }
 }
 
-/// out += a * x, skipped when a is zero.
-#[inline]
-fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
-    if a != 0.0 {
-        out.iter_mut().zip(x).for_each(|(o, v)| *o += a * v);
+/// out += the own blurs' terms, the wide blur (its rows above and below y, and y's weight
+/// between them) and the position terms, on SIMD lanes.
+#[inline(always)]
+fn residual_row<S: Simd>(
+    s: S,
+    out: &mut [f32],
+    rgb: &[&[f32]; 3],
+    blurred: &[&[f32]; 6],
+    wide: Option<(&[f32], &[f32], f32)>,
+    us: &[f32],
+    cw: &ChannelWeights,
+) {
+    let (width, step) = (out.len(), S::F32_LANES);
+    let splat = |v: f32| s.splat_f32s(v);
+    let poly = |p: &Poly, u: S::f32s, r2: S::f32s| {
+        let tail = s.mul_add_e_f32s(r2, splat(p[4]), splat(p[3]));
+        let tail = s.mul_add_e_f32s(r2, tail, splat(p[2]));
+        let lin = s.mul_add_e_f32s(u, splat(p[0]), splat(p[1]));
+        s.mul_add_e_f32s(r2, tail, lin)
+    };
+    for x in (0..width).step_by(step) {
+        let n = step.min(width - x);
+        let mut acc = load_n::<S>(&out[x..], n);
+        if let Some(b) = &cw.blurs {
+            for (ch, [wf, wm]) in b.iter().enumerate() {
+                acc = s.mul_add_e_f32s(splat(*wf), load_n::<S>(&blurred[ch][x..], n), acc);
+                acc = s.mul_add_e_f32s(splat(*wm), load_n::<S>(&blurred[3 + ch][x..], n), acc);
+            }
+        }
+        if let Some((above, below, fy)) = wide {
+            let a = load_n::<S>(&above[x..], n);
+            let d = s.sub_f32s(load_n::<S>(&below[x..], n), a);
+            acc = s.add_f32s(acc, s.mul_add_e_f32s(splat(fy), d, a));
+        }
+        if let Some([off, pr, pg, pb]) = &cw.position {
+            let u = load_n::<S>(&us[x..], n);
+            let r2 = s.mul_f32s(splat(0.5), s.mul_add_e_f32s(u, u, splat(cw.v2)));
+            acc = s.add_f32s(acc, poly(off, u, r2));
+            for (p, x_ch) in [pr, pg, pb].into_iter().zip(rgb) {
+                let f = poly(p, u, r2);
+                acc = s.mul_add_e_f32s(f, load_n::<S>(&x_ch[x..], n), acc);
+            }
+        }
+        store_n::<S>(&mut out[x..], n, acc);
     }
 }
 
@@ -288,7 +437,8 @@ mod tests {
     use super::*;
     use crate::engine::filterbank::blurs;
 
-    /// The row-wise apply adds what the fit's per-pixel features and weights say it should.
+    /// Slicing with the weights folded into its grid, then the row-wise apply, add what the
+    /// fit's per-pixel features and weights say they should.
     #[test]
     fn apply_matches_the_per_pixel_features() {
         let (w, h) = (37, 23);
@@ -301,15 +451,18 @@ mod tests {
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 50.0)
             .collect();
         let g = blurs(&src, 1);
-        let mut out = Frame::zeros(w, h);
-        apply(&mut out, &src, &g, &weights, 2);
+        let mut grid = vec![0.0f32; GRID * GRID * LBINS * 3 * K];
+        fold(&mut grid, &weights);
+        let mut out = crate::engine::slice::apply(&src, &g, &grid, 2);
+        apply(&mut out, &src, &weights, 2);
         let p = planes(&src, true, 1);
         let mut phi = [0.0f32; NF];
         for y in 0..h {
             for x in 0..w {
                 features(&src, &g, &p, x, y, &mut phi);
                 for c in 0..3 {
-                    let want: f32 = (0..NF).map(|j| weights[3 * j + c] * phi[j]).sum();
+                    let want: f32 =
+                        (0..NF).map(|j| weights[3 * j + c] * phi[j]).sum::<f32>() + phi[c];
                     let got = out.data[c * n + y * w + x];
                     assert!(
                         (got - want).abs() < 1e-4,

@@ -35,19 +35,37 @@ pub struct Blurs {
 /// peak memory is what it was without them.
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
+/// The most planes [`SPARE`] keeps: G's six blurs and the residual stage's six (bank.rs).
+const MOST_SPARE: usize = 12;
+
 impl Drop for Blurs {
     fn drop(&mut self) {
-        let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-        spare.clear();
-        spare.extend(self.planes.iter_mut().flatten().map(std::mem::take));
+        give_back(self.planes.iter_mut().flatten());
     }
 }
 
-/// Six planes of n values for [`blurs`] (their contents are overwritten).
-fn planes_of(n: usize) -> [[Vec<f32>; 3]; 2] {
-    let mut spare = std::mem::take(&mut *SPARE.lock().unwrap_or_else(|e| e.into_inner()));
+/// Returns planes to [`SPARE`], which keeps only planes of their size.
+pub(crate) fn give_back<'a>(planes: impl Iterator<Item = &'a mut Vec<f32>>) {
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    for p in planes.map(std::mem::take).filter(|p| !p.is_empty()) {
+        spare.retain(|s| s.len() == p.len());
+        if spare.len() < MOST_SPARE {
+            spare.push(p);
+        }
+    }
+}
+
+/// `N` planes of n values, from [`SPARE`] where it has them (their contents are overwritten).
+pub(crate) fn take_planes<const N: usize>(n: usize) -> [Vec<f32>; N] {
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
     spare.retain(|p| p.len() == n);
-    std::array::from_fn(|_| std::array::from_fn(|_| spare.pop().unwrap_or_else(|| vec![0.0f32; n])))
+    std::array::from_fn(|_| spare.pop().unwrap_or_else(|| vec![0.0f32; n]))
+}
+
+/// Six planes of n values for [`blurs`].
+fn planes_of(n: usize) -> [[Vec<f32>; 3]; 2] {
+    let mut flat = take_planes::<6>(n).into_iter();
+    std::array::from_fn(|_| std::array::from_fn(|_| flat.next().unwrap_or_default()))
 }
 
 pub fn blurs(f: &Frame, threads: usize) -> Blurs {
@@ -245,6 +263,28 @@ pub(crate) fn load<S: Simd>(s: &[f32]) -> S::f32s {
 #[inline(always)]
 pub(crate) fn store<S: Simd>(s: &mut [f32], v: S::f32s) {
     S::as_mut_simd_f32s(s).0[0] = v;
+}
+
+/// Lanes from `row[..n]`, n <= lanes; a short group repeats its last pixel, so the lanes' bin
+/// range stays the group's own.
+#[inline(always)]
+pub(crate) fn load_n<S: Simd>(row: &[f32], n: usize) -> S::f32s {
+    if n == S::F32_LANES {
+        return load::<S>(row);
+    }
+    let mut buf = [row[n - 1]; MAX_LANES];
+    buf[..n].copy_from_slice(&row[..n]);
+    load::<S>(&buf)
+}
+
+#[inline(always)]
+pub(crate) fn store_n<S: Simd>(row: &mut [f32], n: usize, v: S::f32s) {
+    if n == S::F32_LANES {
+        return store::<S>(row, v);
+    }
+    let mut buf = [0.0f32; MAX_LANES];
+    store::<S>(&mut buf, v);
+    row[..n].copy_from_slice(&buf[..n]);
 }
 
 /// Starts of `step`-wide column blocks covering 0..w; the last block is moved back to end at w,

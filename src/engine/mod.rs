@@ -218,9 +218,12 @@ impl Engine {
         self.check_template(edit.delta)?;
         // on the plan specialised for this template from its second apply on (model.rs)
         let thumb = filterbank::thumbnail(frame);
-        let grid = self.models.backbone_cached(&thumb, edit.delta)?;
+        let mut grid = self.models.backbone_cached(&thumb, edit.delta)?;
+        bank::fold(&mut grid, edit.residual);
         let mut out = slice::apply(frame, &blurs, &grid, threads);
-        bank::apply(&mut out, frame, &blurs, edit.residual, threads);
+        // G's planes go back to the pool, where the residual's own blurs take them
+        drop(blurs);
+        bank::apply(&mut out, frame, edit.residual, threads);
         Ok((out, thumb))
     }
 

@@ -11,7 +11,7 @@
 
 use pulp::{Simd, WithSimd};
 
-use super::filterbank::{Blurs, MAX_LANES, load, store};
+use super::filterbank::{Blurs, MAX_LANES, load_n, store_n};
 use super::model::{CK, GRID, GRID_CH, HUES, K, LBINS, LUMA};
 use super::{kernels, par};
 use crate::Frame;
@@ -258,28 +258,6 @@ fn features<S: Simd>(s: S, px: [S::f32s; 9]) -> [S::f32s; K] {
         f[K - HUES + i] = s.mul_f32s(s.mul_f32s(p, p), inv_c);
     }
     f
-}
-
-/// Lanes from `row[..n]`, n <= lanes; a short group repeats its last pixel, so the lanes' bin
-/// range stays the group's own.
-#[inline(always)]
-fn load_n<S: Simd>(row: &[f32], n: usize) -> S::f32s {
-    if n == S::F32_LANES {
-        return load::<S>(row);
-    }
-    let mut buf = [row[n - 1]; MAX_LANES];
-    buf[..n].copy_from_slice(&row[..n]);
-    load::<S>(&buf)
-}
-
-#[inline(always)]
-fn store_n<S: Simd>(row: &mut [f32], n: usize, v: S::f32s) {
-    if n == S::F32_LANES {
-        return store::<S>(row, v);
-    }
-    let mut buf = [0.0f32; MAX_LANES];
-    store::<S>(&mut buf, v);
-    row[..n].copy_from_slice(&buf[..n]);
 }
 
 #[cfg(test)]
