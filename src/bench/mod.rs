@@ -228,22 +228,30 @@ fn stage_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize
     Ok(())
 }
 
-/// The worst case of a template: every feature of the residual stage in use.
+/// Apply with the residual stage against G alone: every feature in use (the worst case), and
+/// the bank group alone (colour, blurs, bias), the part most of the card's templates keep.
 fn residual_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize) -> Result<()> {
     let full = vec![1e-3f32; bank::NF * 3];
+    let mut bank_only = full.clone();
+    bank_only[3 * bank::POSITION.start..].fill(0.0);
     for f in frames {
         let g_only = time_ms(iters, || float.apply(&first.delta, f, false))?;
-        let edit = Edit {
-            delta: &first.delta,
-            residual: &full,
-        };
-        let ms = time_ms(iters, || float.apply_edit(edit, f))?;
-        println!(
-            "apply {}x{} float, with the full residual stage: {ms:.1} ms ({:.2}x G alone, {g_only:.1} ms, same run)",
-            f.width,
-            f.height,
-            ms / g_only
-        );
+        for (what, residual) in [
+            ("the full residual stage", &full),
+            ("the bank group", &bank_only),
+        ] {
+            let edit = Edit {
+                delta: &first.delta,
+                residual,
+            };
+            let ms = time_ms(iters, || float.apply_edit(edit, f))?;
+            println!(
+                "apply {}x{} float, with {what}: {ms:.1} ms ({:.2}x G alone, {g_only:.1} ms, same run)",
+                f.width,
+                f.height,
+                ms / g_only
+            );
+        }
     }
     Ok(())
 }
