@@ -228,17 +228,30 @@ def make_before(x, edit, gen=None):
 
 def make_pair(x, edit, gen=None):
     """x: clean photos (N,3,H,W) -> (before, after)."""
+    before, after, _ = make_pair_clipped(x, edit, gen)
+    return before, after
+
+
+def make_pair_clipped(x, edit, gen=None):
+    """make_pair, and the fraction of pixels that an edit step pushed out of [0, 1] by more
+    than half an 8-bit level in any channel: what the clamp throws away, which no undo gets back."""
     before = make_before(x, edit, gen)
     chain = edit if isinstance(edit, list) else [edit]
     after = before
+    lost = torch.zeros_like(before[:, :1], dtype=torch.bool)
     for f, p in chain:
         if f == "denoise":
             after = x
-        elif f == "vignette_remove":
-            after = (after / (1 - p["strength"] * radial(x) ** p["power"])).clamp(0, 1)
+            continue
+        if f == "vignette_remove":
+            after = after / (1 - p["strength"] * radial(x) ** p["power"])
         else:
             after = apply_one(after, f, p)
-    return before.clamp(0, 1), after.clamp(0, 1)
+        half = 0.5 / 255
+        lost |= ((after < -half) | (after > 1 + half)).any(1, keepdim=True)
+        if f == "vignette_remove":
+            after = after.clamp(0, 1)
+    return before.clamp(0, 1), after.clamp(0, 1), lost.float().mean().item()
 
 
 def misalign(x, rng, amount=0.04):

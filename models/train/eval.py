@@ -123,13 +123,13 @@ def draw(photos, sampler, mis, rng, gen):
     e = sampler(rng)
     A, B, C = crop(photos[i], rng), crop(photos[j], rng), crop(photos[k], rng)
     a, a2 = edits.make_pair(A, e, gen)
-    b, b2 = edits.make_pair(B, e, gen)
+    b, b2, b_clipped = edits.make_pair_clipped(B, e, gen)
     c, c2 = edits.make_pair(C, e, gen)
     if mis:
         a2 = edits.misalign(a2, rng)
     # 8-bit, like real captures: no fit gets an exact (infinite-PSNR) answer
     q8 = lambda x: (x[0].clamp(0, 1) * 255).round().numpy().astype(np.float32) / 255  # noqa: E731
-    return dict(a=q8(a), a2=q8(a2), b=q8(b), b2=q8(b2), c=q8(c), c2=q8(c2), edit=e)
+    return dict(a=q8(a), a2=q8(a2), b=q8(b), b2=q8(b2), c=q8(c), c2=q8(c2), edit=e, b_clipped=b_clipped)
 
 
 _W = {}

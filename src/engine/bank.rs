@@ -8,14 +8,15 @@
 //! (u, v in [-1, 1] across the frame; r2 = (u^2 + v^2) / 2, 1 in the corners).
 //!
 //! How it runs: the weights of the features slicing computes anyway (colour, G's two blurs, the
-//! bias) are added to G's grid before slicing ([`fold`]), which costs nothing per pixel. The rest
-//! (its own three blurs and the position terms) is one vectorised pass over the output rows
-//! ([`apply`]); the sigma-12 blur stays at quarter resolution until that pass interpolates it.
+//! bias) are added to G's grid before slicing ([`fold`]), which costs nothing per pixel. Its own
+//! sigma 1 and 2.5 blurs are added to the output tile by tile as they are made
+//! (`filterbank::blur_add`), never kept as planes; the sigma-12 blur stays at quarter resolution
+//! until one vectorised pass over the output rows interpolates it, with the position terms.
 
 use pulp::{Simd, WithSimd};
 
 use super::filterbank::{
-    Blurs, blur_into, blur_plane, gauss_kernel, give_back, load_n, store_n, take_planes,
+    Blurs, blur_add, blur_into, blur_plane, gauss_kernel, give_back, load_n, store_n, take_planes,
 };
 use super::model::{GRID, K, LBINS};
 use super::{kernels, par};
@@ -99,9 +100,17 @@ pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
         p.full.each_mut().map(|v| v.as_mut_slice()),
         threads,
     );
-    (p.small_w, p.small_h) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
-    p.wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
+    p.add_wide(f, threads);
     p
+}
+
+impl Planes {
+    /// The sigma-12 blurs of `f`'s channels, at quarter resolution.
+    fn add_wide(&mut self, f: &Frame, threads: usize) {
+        let (w, h) = (f.width, f.height);
+        (self.small_w, self.small_h) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
+        self.wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
+    }
 }
 
 /// A sigma-12 gaussian as a box-downsample by 4 and a sigma-3 blur, upsampled bilinearly where
@@ -246,30 +255,38 @@ pub fn fold(grid: &mut [f32], w: &[f32]) {
 
 /// Adds the residual's features that slicing does not hold (its own blurs and the position
 /// terms) to `out`, G's result on `src` with the other features folded into G's grid ([`fold`]).
-/// One vectorised pass over each output row; features with zero weight cost nothing. `w` is
-/// `NF x 3`.
+/// Features with zero weight cost nothing. `w` is `NF x 3`.
 pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
     if w.len() != NF * 3 {
         return;
     }
-    let blurs = uses(w, FINE..FINE + 3) || uses(w, MID..MID + 3) || uses(w, WIDE..WIDE + 3);
-    let with_position = uses(w, POSITION);
-    if !blurs && !with_position {
-        return;
-    }
-    let planes = planes(src, blurs, threads);
-    let wide = mixed_wide(&planes, w, src.width);
     let (width, height) = (src.width, src.height);
     let n = width * height;
     let (o0, rest) = out.data.split_at_mut(n);
     let (o1, o2) = rest.split_at_mut(n);
+    let own =
+        [0, 1, 2].map(|c| [0, 1, 2].map(|ch| [w[3 * (FINE + ch) + c], w[3 * (MID + ch) + c]]));
+    if own.iter().flatten().flatten().any(|&v| v != 0.0) {
+        let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
+        let srcs = [src.plane(0), src.plane(1), src.plane(2)];
+        let outs = [&mut *o0, &mut *o1, &mut o2[..n]];
+        blur_add(srcs, width, height, &k1, &k2, own, outs, threads);
+    }
+    let mut planes = planes(src, false, threads);
+    if uses(w, WIDE..WIDE + 3) {
+        planes.add_wide(src, threads);
+    }
+    let wide = mixed_wide(&planes, w, width);
+    let with_position = uses(w, POSITION);
+    if wide.is_empty() && !with_position {
+        return;
+    }
     par::planes([o0, o1, &mut o2[..n]], width, threads, |y0, bands| {
         let band = ResidualBand {
             src,
             planes: &planes,
             wide: &wide,
             w,
-            blurs,
             with_position,
             y0,
             height,
@@ -313,7 +330,6 @@ struct ResidualBand<'a> {
     planes: &'a Planes,
     wide: &'a [Vec<f32>],
     w: &'a [f32],
-    blurs: bool,
     with_position: bool,
     y0: usize,
     height: usize,
@@ -336,15 +352,14 @@ impl WithSimd for ResidualBand<'_> {
             let y = self.y0 + dy;
             let i0 = y * width;
             let rgb = [0, 1, 2].map(|c| row_at(self.src.plane(c), i0, width));
-            let blurred = self.planes.full.each_ref().map(|p| row_at(p, i0, width));
             let v = coord(y, self.height);
             for (c, o) in [o0, o1, o2].into_iter().enumerate() {
                 let wide = self.wide.get(c).map(|m| {
                     let (a, b, fy) = wide_src(y, self.planes.small_h);
                     (row_at(m, a * width, width), row_at(m, b * width, width), fy)
                 });
-                let weights = ChannelWeights::new(self.w, c, v, self.blurs, self.with_position);
-                residual_row(s, o, &rgb, &blurred, wide, &us, &weights);
+                let weights = ChannelWeights::new(self.w, c, v, self.with_position);
+                residual_row(s, o, &rgb, wide, &us, &weights);
             }
         }
     }
@@ -356,10 +371,9 @@ fn row_at(p: &[f32], i0: usize, width: usize) -> &[f32] {
     p.get(i0..i0 + width).unwrap_or_default()
 }
 
-/// One output channel's weights for one row: the own blurs (fine, mid per input channel), and
-/// the position terms as four polynomials (the offset, then each input channel's factor).
+/// One output channel's position terms on one row, as four polynomials (the offset, then each
+/// input channel's factor).
 struct ChannelWeights {
-    blurs: Option<[[f32; 2]; 3]>,
     position: Option<[Poly; 4]>,
     /// v^2 of the row, for r2.
     v2: f32,
@@ -370,7 +384,7 @@ struct ChannelWeights {
 type Poly = [f32; 5];
 
 impl ChannelWeights {
-    fn new(w: &[f32], c: usize, v: f32, blurs: bool, with_position: bool) -> Self {
+    fn new(w: &[f32], c: usize, v: f32, with_position: bool) -> Self {
         let wc = |j: usize| w[3 * j + c];
         // the offset's terms are u, v, r2, r2^2, r2^3; channel ch's are those times colour ch
         let poly = |first: usize, step: usize| -> Poly {
@@ -378,21 +392,19 @@ impl ChannelWeights {
             [t(0), t(1) * v, t(2), t(3), t(4)]
         };
         ChannelWeights {
-            blurs: blurs.then(|| [0, 1, 2].map(|ch| [wc(FINE + ch), wc(MID + ch)])),
             position: with_position.then(|| [poly(0, 1), poly(5, 3), poly(6, 3), poly(7, 3)]),
             v2: v * v,
         }
     }
 }
 
-/// out += the own blurs' terms, the wide blur (its rows above and below y, and y's weight
-/// between them) and the position terms, on SIMD lanes.
+/// out += the wide blur (its rows above and below y, and y's weight between them) and the
+/// position terms, on SIMD lanes.
 #[inline(always)]
 fn residual_row<S: Simd>(
     s: S,
     out: &mut [f32],
     rgb: &[&[f32]; 3],
-    blurred: &[&[f32]; 6],
     wide: Option<(&[f32], &[f32], f32)>,
     us: &[f32],
     cw: &ChannelWeights,
@@ -408,12 +420,6 @@ fn residual_row<S: Simd>(
     for x in (0..width).step_by(step) {
         let n = step.min(width - x);
         let mut acc = load_n::<S>(&out[x..], n);
-        if let Some(b) = &cw.blurs {
-            for (ch, [wf, wm]) in b.iter().enumerate() {
-                acc = s.mul_add_e_f32s(splat(*wf), load_n::<S>(&blurred[ch][x..], n), acc);
-                acc = s.mul_add_e_f32s(splat(*wm), load_n::<S>(&blurred[3 + ch][x..], n), acc);
-            }
-        }
         if let Some((above, below, fy)) = wide {
             let a = load_n::<S>(&above[x..], n);
             let d = s.sub_f32s(load_n::<S>(&below[x..], n), a);

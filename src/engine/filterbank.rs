@@ -109,6 +109,99 @@ pub fn blur_into<const P: usize>(
     });
 }
 
+/// Adds gaussians of the three planes `srcs` to the three planes `outs` without keeping them:
+/// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`.
+/// As [`blur_into`], but each tile's blurred rows live in a tile-sized buffer, so no plane is
+/// written and read back (the residual stage's own blurs, bank.rs).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "blur_into's arguments and the weights"
+)]
+pub fn blur_add(
+    srcs: [&[f32]; 3],
+    w: usize,
+    h: usize,
+    short: &[f32],
+    long: &[f32],
+    weights: [[[f32; 2]; 3]; 3],
+    outs: [&mut [f32]; 3],
+    threads: usize,
+) {
+    assert!(!short.is_empty() && short.len() <= long.len() && long.len() % 2 == 1);
+    par::planes(outs, w, threads, |y0, bands| {
+        let band = BlurAddBand {
+            srcs,
+            w,
+            h,
+            kernels: [short, long],
+            weights,
+            y0,
+            outs: bands,
+        };
+        kernels::simd(w, band)
+    });
+}
+
+/// One thread's rows of [`blur_add`].
+struct BlurAddBand<'a> {
+    srcs: [&'a [f32]; 3],
+    w: usize,
+    h: usize,
+    kernels: [&'a [f32]; 2],
+    weights: [[[f32; 2]; 3]; 3],
+    y0: usize,
+    outs: [&'a mut [f32]; 3],
+}
+
+impl WithSimd for BlurAddBand<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, s: S) {
+        let w = self.w;
+        let [short, long] = self.kernels;
+        let n_rows = self.outs[0].len() / w;
+        let mut tiles = [0, 1].map(|_| vec![0.0f32; TILE_ROWS * w]);
+        let mut buf = vec![0.0f32; w + 2 * (long.len() / 2)];
+        let mut outs = self.outs;
+        for t0 in (0..n_rows).step_by(TILE_ROWS) {
+            let rows = TILE_ROWS.min(n_rows - t0);
+            for (ch, src) in self.srcs.iter().enumerate() {
+                let wts = self.weights.map(|c| c[ch]);
+                if wts.iter().flatten().all(|&v| v == 0.0) {
+                    continue;
+                }
+                let ext = tile_rows(src, w, self.h, self.y0 + t0, rows, long.len());
+                let [ts, tl] = &mut tiles;
+                let (ts, tl) = (&mut ts[..rows * w], &mut tl[..rows * w]);
+                vertical_tile(s, &ext, w, 0..rows, [short, long], [&mut *ts, &mut *tl]);
+                horizontal_rows(s, ts, w, 0..rows, short, &mut buf);
+                horizontal_rows(s, tl, w, 0..rows, long, &mut buf);
+                for (o, [a, b]) in outs.iter_mut().zip(wts) {
+                    let o = &mut o[t0 * w..(t0 + rows) * w];
+                    axpy2(s, o, [a, b], [ts, tl]);
+                }
+            }
+        }
+    }
+}
+
+/// out += a * x + b * y on SIMD lanes (nothing where both weights are zero).
+#[inline(always)]
+fn axpy2<S: Simd>(s: S, out: &mut [f32], [a, b]: [f32; 2], [x, y]: [&[f32]; 2]) {
+    if a == 0.0 && b == 0.0 {
+        return;
+    }
+    let (a, b, step) = (s.splat_f32s(a), s.splat_f32s(b), S::F32_LANES);
+    for i in (0..out.len()).step_by(step) {
+        let n = step.min(out.len() - i);
+        let v = load_n::<S>(&out[i..], n);
+        let v = s.mul_add_e_f32s(a, load_n::<S>(&x[i..], n), v);
+        let v = s.mul_add_e_f32s(b, load_n::<S>(&y[i..], n), v);
+        store_n::<S>(&mut out[i..], n, v);
+    }
+}
+
 /// One thread's rows of [`blur_into`].
 struct BlurBand<'a, 'b, 'c> {
     srcs: &'a [&'a [f32]],
