@@ -53,7 +53,8 @@ const FINE: usize = 3;
 const MID: usize = 9;
 const WIDE: usize = 15;
 
-/// The residual stage's own blurred planes of one frame; empty when its weights use none.
+/// The residual stage's own blurred planes of one frame, as learn's fit reads them per pixel
+/// ([`features`]); apply keeps only the quarter-resolution sigma-12 ones.
 pub struct Planes {
     /// Sigma 1 and 2.5 at full resolution, `[fine r, g, b, mid r, g, b]`.
     full: [Vec<f32>; 6],
@@ -77,6 +78,7 @@ pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
             .any(|j| w[3 * j..3 * j + 3].iter().any(|&v| v != 0.0))
 }
 
+/// The residual stage's own blurs of `f` at every scale; none unless `need_blurs`.
 pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
     let mut p = Planes {
         full: Default::default(),

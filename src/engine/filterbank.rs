@@ -35,7 +35,8 @@ pub struct Blurs {
 /// peak memory is what it was without them.
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
-/// The most planes [`SPARE`] keeps: G's six blurs and the residual stage's six (bank.rs).
+/// The most planes [`SPARE`] keeps: G's six blurs and the six of the residual stage's own
+/// blurs that learn's fit reads (bank.rs).
 const MOST_SPARE: usize = 12;
 
 impl Drop for Blurs {
