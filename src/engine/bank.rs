@@ -15,9 +15,7 @@
 
 use pulp::{Simd, WithSimd};
 
-use super::filterbank::{
-    Blurs, blur_add, blur_into, blur_plane, gauss_kernel, give_back, load_n, store_n, take_planes,
-};
+use super::filterbank::{Blurs, blur_add, blur_into, blur_plane, gauss_kernel, load_n, store_n};
 use super::model::{GRID, K, LBINS};
 use super::{kernels, par};
 use crate::Frame;
@@ -64,12 +62,6 @@ pub struct Planes {
     small_h: usize,
 }
 
-impl Drop for Planes {
-    fn drop(&mut self) {
-        give_back(self.full.iter_mut());
-    }
-}
-
 /// Whether weights `w` (`NF x 3`, feature-major) use any feature of `range`.
 pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
     w.len() == NF * 3
@@ -91,7 +83,8 @@ pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
     }
     let (w, h) = (f.width, f.height);
     let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
-    p.full = take_planes::<6>(w * h);
+    // fresh pages: only learn's fit reads these, once per pair, so they do not join G's pool
+    p.full = std::array::from_fn(|_| vec![0.0f32; w * h]);
     let srcs = [f.plane(0), f.plane(1), f.plane(2)];
     blur_into(
         &srcs,

@@ -35,9 +35,8 @@ pub struct Blurs {
 /// peak memory is what it was without them.
 static SPARE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
 
-/// The most planes [`SPARE`] keeps: G's six blurs and the six of the residual stage's own
-/// blurs that learn's fit reads (bank.rs).
-const MOST_SPARE: usize = 12;
+/// The most planes [`SPARE`] keeps: G's six blurs.
+const MOST_SPARE: usize = 6;
 
 impl Drop for Blurs {
     fn drop(&mut self) {
@@ -46,7 +45,7 @@ impl Drop for Blurs {
 }
 
 /// Returns planes to [`SPARE`], which keeps only planes of their size.
-pub(crate) fn give_back<'a>(planes: impl Iterator<Item = &'a mut Vec<f32>>) {
+fn give_back<'a>(planes: impl Iterator<Item = &'a mut Vec<f32>>) {
     let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
     for p in planes.map(std::mem::take).filter(|p| !p.is_empty()) {
         spare.retain(|s| s.len() == p.len());
@@ -57,7 +56,7 @@ pub(crate) fn give_back<'a>(planes: impl Iterator<Item = &'a mut Vec<f32>>) {
 }
 
 /// `N` planes of n values, from [`SPARE`] where it has them (their contents are overwritten).
-pub(crate) fn take_planes<const N: usize>(n: usize) -> [Vec<f32>; N] {
+fn take_planes<const N: usize>(n: usize) -> [Vec<f32>; N] {
     let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
     spare.retain(|p| p.len() == n);
     std::array::from_fn(|_| spare.pop().unwrap_or_else(|| vec![0.0f32; n]))
