@@ -125,6 +125,15 @@ impl Similarity {
             && self.deviation_from_shift(w, h, rx, ry) <= TOL
     }
 
+    /// Whether warping by M interpolates: some pixel of a w x h frame lands a quarter pixel or
+    /// more from where a whole-pixel shift would put it (below that the interpolation weights
+    /// are nearly one tap, and registration noise of an aligned pair stays under it).
+    pub fn resamples(&self, w: usize, h: usize) -> bool {
+        let (rx, ry) = (self.dx.round(), self.dy.round());
+        let d = self.deviation_from_shift(w, h, rx, ry);
+        d.is_nan() || d >= 0.25
+    }
+
     /// Largest displacement, in pixels, of any corner of a w x h frame under M relative to
     /// identity (for reports).
     pub fn max_motion_px(&self, w: usize, h: usize) -> f64 {
@@ -1747,6 +1756,25 @@ mod tests {
         let m = sim(0.0, 0.0, 0.0, 1.1).max_motion_px(w, h);
         assert!((m - 0.1 * (319.5f64).hypot(239.5)).abs() < 1e-9);
         assert!(!sim(f64::NAN, 0.0, 0.0, 1.0).is_integer_shift(w, h));
+    }
+
+    #[test]
+    fn only_a_quarter_pixel_or_more_off_the_grid_resamples() {
+        let sim = |dx, angle_deg, scale| Similarity {
+            dx,
+            dy: 0.0,
+            angle_deg,
+            scale,
+        };
+        // an aligned pair's registration noise, and whole-pixel shifts, stay on the grid
+        assert!(!sim(0.0, 0.01, 1.0).resamples(320, 240));
+        assert!(!sim(3.0, 0.0, 1.0).resamples(320, 240));
+        assert!(!sim(2.8, 0.0, 1.0).resamples(320, 240));
+        // a third of a pixel, a turn of 1 degree, 1 % of scale: every pixel is interpolated
+        assert!(sim(2.7, 0.0, 1.0).resamples(320, 240));
+        assert!(sim(0.0, 1.0, 1.0).resamples(320, 240));
+        assert!(sim(0.0, 0.0, 1.01).resamples(320, 240));
+        assert!(sim(f64::NAN, 0.0, 1.0).resamples(320, 240));
     }
 
     #[test]

@@ -57,6 +57,13 @@ const LAMBDAS: [f64; 5] = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5];
 const SMOOTH: f64 = 1e-1;
 /// A part must buy at least this much validated gain to be kept.
 const MIN_PART_GAIN_DB: f64 = 0.5;
+/// What the bank's blur features must buy on a resampled pair, or the bank goes without them.
+/// Two shots of a moved part sample it at other positions and scales, and the warp that
+/// registers them interpolates; blurs fit part of that difference, which is not the edit, and
+/// then blur or sharpen every capture (moved colour edits 2-5 dB below the same edit aligned,
+/// eval_cli.py). The value: the 95th percentile of that gain on moved pairs of colour edits
+/// (no spatial part) from the training photos, `models/train/calibrate_resampled.py`.
+const RESAMPLED_BLUR_GAIN_DB: f64 = 1.4;
 const GROUPS: usize = 3;
 const ALL: u8 = (1 << GROUPS) - 1;
 
@@ -87,6 +94,8 @@ struct Cols {
     /// Whether each output channel's blur features are its own channel's blurred planes only
     /// (the colour, bias and position terms still mix channels); chosen by validation.
     per_channel_blurs: bool,
+    /// Whether the bank part has its blur features at all (a moved pair's fit may go without).
+    blurs: bool,
 }
 
 /// The frame the position terms are measured in: the source's, or the target's own.
@@ -169,6 +178,9 @@ pub struct Accumulator {
     hues: Vec<Normal>,
     /// Some pair's target frame is not its source frame: the position terms have two frames.
     moved: bool,
+    /// Some pair's target was resampled (`Similarity::resamples`): the blur features must then
+    /// buy RESAMPLED_BLUR_GAIN_DB.
+    resampled: bool,
 }
 
 /// The chosen template parts for one direction.
@@ -212,6 +224,7 @@ impl Accumulator {
             (0..HUE_CLASSES).map(|c| Normal::sum(cells.iter().skip(c).step_by(HUE_CLASSES)));
         self.hues.extend(by_hue);
         self.moved |= *d.sim != super::align::Similarity::IDENTITY;
+        self.resampled |= d.sim.resamples(d.src.width, d.src.height);
     }
 
     /// Chooses base, parts and ridge strength by validation, then fits them on everything.
@@ -234,6 +247,7 @@ impl Accumulator {
                 PositionFrame::Source
             },
             per_channel_blurs: false,
+            blurs: true,
         };
         let mixed = Scores::new(&folds, cols, None);
         let own_cols = Cols {
@@ -246,6 +260,11 @@ impl Accumulator {
             own
         } else {
             mixed
+        };
+        let scores = if self.resampled {
+            earned_blurs(scores, &folds, cols, best)
+        } else {
+            scores
         };
         Some(Scored { all, scores })
     }
@@ -531,6 +550,33 @@ impl Scores {
     }
 }
 
+/// `scores`, or the same fit without the bank's blur features where they buy less than
+/// RESAMPLED_BLUR_GAIN_DB: on a resampled pair, what blurs gain below that is the two shots'
+/// sampling and the warp, not the edit.
+fn earned_blurs(
+    scores: Scores,
+    folds: &[(Normal, Normal)],
+    cols: Cols,
+    best: impl Fn(&Scores) -> f64,
+) -> Scores {
+    let still = Scores::new(
+        folds,
+        Cols {
+            blurs: false,
+            per_channel_blurs: false,
+            ..cols
+        },
+        Some(&scores),
+    );
+    let g = gain_db(best(&still), best(&scores));
+    tracing::debug!("fit: the blur features gain {g:.3} dB on a resampled pair");
+    if g < RESAMPLED_BLUR_GAIN_DB {
+        still
+    } else {
+        scores
+    }
+}
+
 /// Unknowns used by a set of parts (bit 0 tone, 1 bank, 2 position). Without `hue_terms` the
 /// tone part leaves out G's hue features (the last HUES of each bin's K): where the pair shows
 /// one side of the hue circle only, no fold can check how those terms carry the edit to the
@@ -541,9 +587,9 @@ fn columns(set: u8, cols: Cols) -> Idx {
     if set & 1 != 0 {
         idx.extend((0..TONE_P).filter(|i| cols.hue_terms || i % K < K - HUES));
     }
-    let own = set & 2 != 0 && cols.per_channel_blurs;
+    let own = set & 2 != 0 && cols.per_channel_blurs && cols.blurs;
     if set & 2 != 0 {
-        let mixed = |j: &usize| !own || !bank::BLURS.contains(j);
+        let mixed = |j: &usize| (cols.blurs && !own) || !bank::BLURS.contains(j);
         idx.extend(bank::BANK.filter(mixed).map(|j| TONE_P + j));
     }
     if set & 4 != 0 {
@@ -634,6 +680,7 @@ fn position_frame(all: &Normal, hue_terms: bool) -> PositionFrame {
             hue_terms,
             frame,
             per_channel_blurs: false,
+            blurs: true,
         };
         solve(all, Base::Identity, ALL, LAMBDAS.len() / 2, cols).map_or(f64::INFINITY, |d| {
             val_error(all, Base::Identity, &columns(ALL, cols), &d)
@@ -991,6 +1038,7 @@ mod tests {
             hue_terms: true,
             frame: PositionFrame::Source,
             per_channel_blurs: true,
+            blurs: true,
         };
         let idx = columns(ALL, cols);
         // each channel: the shared unknowns, then its own 5 blurred planes
@@ -1042,6 +1090,7 @@ mod tests {
             hue_terms,
             frame: PositionFrame::Source,
             per_channel_blurs,
+            blurs: true,
         };
         // no parts at all: the base's own error (what `select_from` scores for an identity)
         let all = Normal::sum(&acc.tiles);
