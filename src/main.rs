@@ -512,6 +512,7 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                 "parts        hypernet {:+.2} dB, tone {:+.2} dB, bank {:+.2} dB, position {:+.2} dB",
                 g.hypernet, g.tone, g.bank, g.position
             );
+            println!("apply        {}", apply_passes(&t.residual));
             if let Some(r) = c.reverse_gain_db {
                 println!("undo         {r:+.2} dB over doing nothing (validated)");
             }
@@ -533,4 +534,14 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `apply` runs for a template's residual weights: G alone, or G and the passes after it.
+fn apply_passes(residual: &[f32]) -> String {
+    let stages = takumi::engine::bank::stages(residual);
+    match (residual.is_empty(), stages.is_empty()) {
+        (true, _) => "G alone".into(),
+        (false, true) => "G alone (the residual stage folded into its grid)".into(),
+        (false, false) => format!("G, then the residual stage's {}", stages.join(", ")),
+    }
 }

@@ -241,6 +241,8 @@ def parse_show(text):
     c["reverse_gain_db"] = float(m.group(1)) if m else None
     m = re.search(r"^validated\s+(.*)$", text, re.M)
     c["validated_line"] = m.group(1) if m else None
+    m = re.search(r"^apply\s+(.*)$", text, re.M)
+    c["apply_passes"] = m.group(1) if m else None
     for m in re.finditer(r"^register (\d+)\s+(ok|FAILED) shift \(" + NUM + ", " + NUM + r"\) px, rotation " + NUM
                          + r" deg, scale x" + NUM + r", residual " + NUM + " px", text, re.M):
         i, ok, dx, dy, ang, sc, res = m.groups()
@@ -453,6 +455,14 @@ def report(rows, moved, failures, args):
     if diffs:
         P(f"* moved pair (rotation ±5°, scale 0.92–1.08, shift ±10 %) − aligned pair, takumi on B: mean "
           f"{np.mean(diffs):+.2f} dB, worst {min(diffs):+.2f} dB over {len(diffs)} edits (target: both ≥ −1)")
+    passes = [(r.get("show") or {}).get("apply_passes") for r in main]
+    passes = [p for p in passes if p]
+    if passes:
+        alone = sum(1 for p in passes if p.startswith("G alone"))
+        named = ("sigma 1 and 2.5 blurs", "sigma 12 blur", "position terms")
+        each = ", ".join(f"{sum(1 for p in passes if n in p)} the {n}" for n in named)
+        P(f"* what `apply` runs for the {len(passes)} templates (`templates show`; issue 9: apply time unchanged "
+          f"within 10 %): G alone, the residual stage folded into its grid or absent, for {alone}; after G, {each}")
     P()
 
     if moved:

@@ -261,7 +261,7 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
     let (o1, o2) = rest.split_at_mut(n);
     let own =
         [0, 1, 2].map(|c| [0, 1, 2].map(|ch| [w[3 * (FINE + ch) + c], w[3 * (MID + ch) + c]]));
-    if own.iter().flatten().flatten().any(|&v| v != 0.0) {
+    if uses_own_blurs(w) {
         let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
         let srcs = [src.plane(0), src.plane(1), src.plane(2)];
         let outs = [&mut *o0, &mut *o1, &mut o2[..n]];
@@ -289,6 +289,24 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
         };
         kernels::simd(width, band)
     });
+}
+
+/// Whether weights `w` use the residual's own full-resolution blurs (sigma 1 or 2.5).
+fn uses_own_blurs(w: &[f32]) -> bool {
+    uses(w, FINE..FINE + 3) || uses(w, MID..MID + 3)
+}
+
+/// The passes that `apply` runs after G for weights `w`, named for a template's card; none
+/// when everything the residual uses folds into G's grid (then it costs what G alone does).
+pub fn stages(w: &[f32]) -> Vec<&'static str> {
+    [
+        (uses_own_blurs(w), "sigma 1 and 2.5 blurs"),
+        (uses(w, WIDE..WIDE + 3), "sigma 12 blur"),
+        (uses(w, POSITION), "position terms"),
+    ]
+    .into_iter()
+    .filter_map(|(used, name)| used.then_some(name))
+    .collect()
 }
 
 /// Per output channel, the quarter-resolution sigma-12 planes mixed by their weights and
@@ -440,6 +458,27 @@ mod tests {
 
     /// Slicing with the weights folded into its grid, then the row-wise apply, add what the
     /// fit's per-pixel features and weights say they should.
+    #[test]
+    fn stages_name_the_passes_after_g_and_none_for_what_folds() {
+        let with = |js: &[usize]| {
+            let mut w = vec![0.0f32; NF * 3];
+            for &j in js {
+                w[3 * j + 1] = 0.5;
+            }
+            stages(&w)
+        };
+        // colour, G's sigma 1.5 and 6 blurs and the bias fold into G's grid
+        assert!(with(&[0, 7, 13, BIAS]).is_empty());
+        assert!(stages(&[]).is_empty());
+        assert_eq!(with(&[FINE]), ["sigma 1 and 2.5 blurs"]);
+        assert_eq!(with(&[MID + 2, 1]), ["sigma 1 and 2.5 blurs"]);
+        assert_eq!(with(&[WIDE]), ["sigma 12 blur"]);
+        assert_eq!(
+            with(&[FINE, WIDE + 1, POSITION.end - 1]),
+            ["sigma 1 and 2.5 blurs", "sigma 12 blur", "position terms"]
+        );
+    }
+
     #[test]
     fn apply_matches_the_per_pixel_features() {
         let (w, h) = (37, 23);
