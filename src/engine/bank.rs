@@ -70,17 +70,9 @@ pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
             .any(|j| w[3 * j..3 * j + 3].iter().any(|&v| v != 0.0))
 }
 
-/// The residual stage's own blurs of `f` at every scale; none unless `need_blurs`.
-pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
-    let mut p = Planes {
-        full: Default::default(),
-        wide: Default::default(),
-        small_w: 0,
-        small_h: 0,
-    };
-    if !need_blurs {
-        return p;
-    }
+/// The residual stage's own blurs of `f` at every scale, as learn's fit reads them.
+pub fn planes(f: &Frame, threads: usize) -> Planes {
+    let mut p = Planes::none();
     let (w, h) = (f.width, f.height);
     let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
     // fresh pages: only learn's fit reads these, once per pair, so they do not join G's pool
@@ -100,6 +92,22 @@ pub fn planes(f: &Frame, need_blurs: bool, threads: usize) -> Planes {
 }
 
 impl Planes {
+    fn none() -> Self {
+        Planes {
+            full: Default::default(),
+            wide: Default::default(),
+            small_w: 0,
+            small_h: 0,
+        }
+    }
+
+    /// The sigma-12 blurs alone: all `apply` keeps of these planes.
+    fn wide_only(f: &Frame, threads: usize) -> Self {
+        let mut p = Planes::none();
+        p.add_wide(f, threads);
+        p
+    }
+
     /// The sigma-12 blurs of `f`'s channels, at quarter resolution.
     fn add_wide(&mut self, f: &Frame, threads: usize) {
         let (w, h) = (f.width, f.height);
@@ -267,10 +275,11 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
         let outs = [&mut *o0, &mut *o1, &mut o2[..n]];
         blur_add(srcs, width, height, &k1, &k2, own, outs, threads);
     }
-    let mut planes = planes(src, false, threads);
-    if uses(w, WIDE..WIDE + 3) {
-        planes.add_wide(src, threads);
-    }
+    let planes = if uses(w, WIDE..WIDE + 3) {
+        Planes::wide_only(src, threads)
+    } else {
+        Planes::none()
+    };
     let wide = mixed_wide(&planes, w, width);
     let with_position = uses(w, POSITION);
     if wide.is_empty() && !with_position {
@@ -279,7 +288,7 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
     par::planes([o0, o1, &mut o2[..n]], width, threads, |y0, bands| {
         let band = ResidualBand {
             src,
-            planes: &planes,
+            small_h: planes.small_h,
             wide: &wide,
             w,
             with_position,
@@ -312,9 +321,9 @@ pub fn stages(w: &[f32]) -> Vec<&'static str> {
 /// Per output channel, the quarter-resolution sigma-12 planes mixed by their weights and
 /// upsampled along their rows to the frame's width (`small_h x width`); the rows in between are
 /// interpolated where they are added. Upsampling is linear, so mixing first upsamples one plane
-/// instead of three. Empty when none is used.
+/// instead of three. Empty without sigma-12 planes (`apply` makes them only where used).
 fn mixed_wide(planes: &Planes, w: &[f32], width: usize) -> Vec<Vec<f32>> {
-    if planes.wide[0].is_empty() || !uses(w, WIDE..WIDE + 3) {
+    if planes.wide[0].is_empty() {
         return Vec::new();
     }
     let ws = planes.small_w;
@@ -340,7 +349,8 @@ fn mixed_wide(planes: &Planes, w: &[f32], width: usize) -> Vec<Vec<f32>> {
 /// One thread's rows of [`apply`].
 struct ResidualBand<'a> {
     src: &'a Frame,
-    planes: &'a Planes,
+    /// Rows of the quarter-resolution sigma-12 planes that `wide` was upsampled from.
+    small_h: usize,
     wide: &'a [Vec<f32>],
     w: &'a [f32],
     with_position: bool,
@@ -368,7 +378,7 @@ impl WithSimd for ResidualBand<'_> {
             let v = coord(y, self.height);
             for (c, o) in [o0, o1, o2].into_iter().enumerate() {
                 let wide = self.wide.get(c).map(|m| {
-                    let (a, b, fy) = wide_src(y, self.planes.small_h);
+                    let (a, b, fy) = wide_src(y, self.small_h);
                     (row_at(m, a * width, width), row_at(m, b * width, width), fy)
                 });
                 let weights = ChannelWeights::new(self.w, c, v, self.with_position);
@@ -495,7 +505,7 @@ mod tests {
         fold(&mut grid, &weights);
         let mut out = crate::engine::slice::apply(&src, &g, &grid, 2);
         apply(&mut out, &src, &weights, 2);
-        let p = planes(&src, true, 1);
+        let p = planes(&src, 1);
         let mut phi = [0.0f32; NF];
         for y in 0..h {
             for x in 0..w {

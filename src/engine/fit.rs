@@ -966,7 +966,7 @@ mod tests {
 
     /// As `accumulated`, for a target registered onto `src` by `sim`.
     fn moved_pair(src: &Frame, target: &Frame, sim: &Similarity) -> Accumulator {
-        let (b, planes) = (blurs(src, 1), bank::planes(src, true, 1));
+        let (b, planes) = (blurs(src, 1), bank::planes(src, 1));
         let mask = vec![true; src.width * src.height];
         let mut acc = Accumulator::default();
         acc.add_pair(&PairData {

@@ -187,7 +187,7 @@ impl Engine {
         let (target, mut mask) = align::warp(dst, sim);
         align::mask_clipped(dst, sim, &mut mask);
         let blurs = filterbank::blurs(src, self.threads);
-        let planes = bank::planes(src, true, self.threads);
+        let planes = bank::planes(src, self.threads);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
         let pred = slice::apply(src, &blurs, &grid, self.threads);
         acc.add_pair(&fit::PairData {
