@@ -217,7 +217,7 @@ fn stage_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize
         let thumb = filterbank::thumbnail(f);
         let grid = float.models.backbone_cached(&thumb, &first.delta)?;
         let b = time_ms(iters, || Ok(filterbank::blurs(f, n)))?;
-        let t = time_ms(iters, || Ok(filterbank::thumbnail(f)))?;
+        let t = time_ms(iters, || Ok(filterbank::thumbnail_on(f, n)))?;
         let g = time_ms(iters, || float.models.backbone_cached(&thumb, &first.delta))?;
         let s = time_ms(iters, || Ok(slice::apply(f, &blurs, &grid, n)))?;
         println!(

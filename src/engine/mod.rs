@@ -217,7 +217,7 @@ impl Engine {
         let blurs = filterbank::blurs(frame, threads);
         self.check_template(edit.delta)?;
         // on the plan specialised for this template from its second apply on (model.rs)
-        let thumb = filterbank::thumbnail(frame);
+        let thumb = filterbank::thumbnail_on(frame, threads);
         let mut grid = self.models.backbone_cached(&thumb, edit.delta)?;
         bank::fold(&mut grid, edit.residual);
         let mut out = slice::apply(frame, &blurs, &grid, threads);

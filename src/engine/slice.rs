@@ -342,7 +342,7 @@ mod tests {
             let blurs = filterbank::blurs(&f, 1);
             for n in [1, 2] {
                 let b = time(&mut || drop(filterbank::blurs(&f, n)));
-                let t = time(&mut || drop(filterbank::thumbnail(&f)));
+                let t = time(&mut || drop(filterbank::thumbnail_on(&f, n)));
                 let s = time(&mut || drop(apply(&f, &blurs, &grid, n)));
                 let isa = kernels::stage_isa();
                 eprintln!(
