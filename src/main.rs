@@ -509,8 +509,8 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
             println!("validated    {}", c.validation_summary());
             let g = &c.part_gains_db;
             println!(
-                "parts        hypernet {:+.2} dB, tone {:+.2} dB, bank {:+.2} dB, position {:+.2} dB",
-                g.hypernet, g.tone, g.bank, g.position
+                "parts        hypernet {:+.2} dB, tone {:+.2} dB, bank {:+.2} dB, position {:+.2} dB; the bank's blurs {:+.2} dB",
+                g.hypernet, g.tone, g.bank, g.position, g.blurs
             );
             println!("apply        {}", apply_passes(&t.residual));
             if let Some(r) = c.reverse_gain_db {

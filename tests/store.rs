@@ -64,6 +64,7 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
                 tone: 4.0,
                 bank: 0.0,
                 position: 1.0,
+                blurs: 0.0,
             },
             heldout_pair_psnr_db: None,
             zero_prior: false,

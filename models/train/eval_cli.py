@@ -233,6 +233,9 @@ def parse_show(text):
     m = re.search(r"hypernet " + NUM + r" dB, tone " + NUM + r" dB, bank " + NUM + r" dB, position " + NUM + " dB", text)
     if m:
         c["parts_db"] = dict(zip(("hypernet", "tone", "bank", "position"), map(float, m.groups())))
+        b = re.search(r"the bank's blurs " + NUM + " dB", text)
+        if b:
+            c["parts_db"]["blurs"] = float(b.group(1))
     m = re.search(r"self-PSNR\s+" + NUM + " dB", text)
     c["self_psnr_db"] = float(m.group(1)) if m else None
     m = re.search(r"closed-form\s+(used|not used)", text)
@@ -463,6 +466,12 @@ def report(rows, moved, failures, args):
         each = ", ".join(f"{sum(1 for p in passes if n in p)} the {n}" for n in named)
         P(f"* what `apply` runs for the {len(passes)} templates (`templates show`; issue 9: apply time unchanged "
           f"within 10 %): G alone, the residual stage folded into its grid or absent, for {alone}; after G, {each}")
+    blur_gains = [((r.get("show") or {}).get("parts_db") or {}).get("blurs") for r in main]
+    kept = [g for g in blur_gains if g]
+    if any(g is not None for g in blur_gains):
+        P(f"* the bank's blur features (kept where they buy ≥ 0.5 dB, 1.4 dB on a resampled pair): kept by "
+          f"{len(kept)} of {len(blur_gains)} templates, validated gain median "
+          f"{f2(float(np.median(kept)) if kept else None)} dB")
     P()
 
     if moved:

@@ -51,6 +51,9 @@ pub struct PartGains {
     pub tone: f32,
     pub bank: f32,
     pub position: f32,
+    /// What the bank part's blur features add to the fit (within `bank`); 0 without them.
+    #[serde(default)]
+    pub blurs: f32,
 }
 
 /// The similarity that maps a pair's before onto its after (see engine::align).

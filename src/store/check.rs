@@ -182,6 +182,7 @@ fn card_fields(c: &Card) -> impl Iterator<Item = (&'static str, f32)> + '_ {
         ("part_gains_db.tone", g.tone),
         ("part_gains_db.bank", g.bank),
         ("part_gains_db.position", g.position),
+        ("part_gains_db.blurs", g.blurs),
         ("exposure_ev", c.exposure_ev),
         ("wb_shift[0]", c.wb_shift[0]),
         ("wb_shift[1]", c.wb_shift[1]),
