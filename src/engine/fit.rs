@@ -301,7 +301,8 @@ impl Accumulator {
             tone: part(0),
             bank: part(1),
             position: part(2),
-            blurs: if set & 2 != 0 && scores.cols.blurs {
+            // 0 when earned_blurs left them out
+            blurs: if set & 2 != 0 {
                 scores.blur_gain as f32
             } else {
                 0.0
