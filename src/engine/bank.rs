@@ -15,7 +15,7 @@
 
 use pulp::{Simd, WithSimd};
 
-use super::filterbank::{Blurs, blur_add, blur_into, blur_plane, gauss_kernel, load_n, store_n};
+use super::filterbank::{Blurs, TileAdd, blur_add, blur_into, gauss_kernel, load_n, store_n};
 use super::model::{GRID, K, LBINS};
 use super::{kernels, par};
 use crate::Frame;
@@ -108,38 +108,52 @@ impl Planes {
         p
     }
 
-    /// The sigma-12 blurs of `f`'s channels, at quarter resolution.
+    /// The sigma-12 blurs of `f`'s channels, at quarter resolution: the three channels in one
+    /// pass of the engine's threads each, not one per channel (the passes on these small planes
+    /// cost more to start than to run at 640x480).
     fn add_wide(&mut self, f: &Frame, threads: usize) {
         let (w, h) = (f.width, f.height);
-        (self.small_w, self.small_h) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
-        self.wide = std::array::from_fn(|c| wide_blur(f.plane(c), w, h, threads));
+        let (ws, hs) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
+        let mut small: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; ws * hs]);
+        par::planes(
+            small.each_mut().map(|v| v.as_mut_slice()),
+            ws,
+            threads,
+            |ys0, bands| {
+                for (c, band) in bands.into_iter().enumerate() {
+                    box_rows(f.plane(c), w, h, ys0, band);
+                }
+            },
+        );
+        let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
+        self.wide = std::array::from_fn(|_| vec![0.0f32; ws * hs]);
+        let srcs = small.each_ref().map(|v| v.as_slice());
+        let outs = self.wide.each_mut().map(|v| v.as_mut_slice());
+        blur_into(&srcs, ws, hs, &[], &k, outs, threads.min(2));
+        (self.small_w, self.small_h) = (ws, hs);
     }
 }
 
-/// A sigma-12 gaussian as a box-downsample by 4 and a sigma-3 blur, upsampled bilinearly where
-/// it is read: 16x fewer taps than at full resolution, and the result is smooth either way.
-fn wide_blur(p: &[f32], w: usize, h: usize, threads: usize) -> Vec<f32> {
-    let (ws, hs) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
-    let mut small = vec![0.0f32; ws * hs];
-    par::rows(&mut small, ws, threads, |ys0, band| {
-        // the block's rows summed first: whole rows vectorise, and each pixel is read once
-        let mut sum = vec![0.0f32; w];
-        for (dy, out) in band.chunks_mut(ws).enumerate() {
-            let y0 = (ys0 + dy) * WIDE_STEP;
-            let y1 = (y0 + WIDE_STEP).min(h);
-            sum.copy_from_slice(&p[y0 * w..(y0 + 1) * w]);
-            for y in y0 + 1..y1 {
-                sum.iter_mut()
-                    .zip(&p[y * w..(y + 1) * w])
-                    .for_each(|(s, v)| *s += v);
-            }
-            for (o, block) in out.iter_mut().zip(sum.chunks(WIDE_STEP)) {
-                *o = block.iter().sum::<f32>() / (block.len() * (y1 - y0)) as f32;
-            }
+/// The 4x4 block means of plane `p` (w x h) for the quarter-resolution rows from `ys0` that
+/// `band` holds: with the sigma-3 blur at that size, a sigma-12 gaussian in 16x fewer taps than
+/// at full resolution, upsampled bilinearly where it is read (the result is smooth either way).
+fn box_rows(p: &[f32], w: usize, h: usize, ys0: usize, band: &mut [f32]) {
+    let ws = w.div_ceil(WIDE_STEP);
+    // the block's rows summed first: whole rows vectorise, and each pixel is read once
+    let mut sum = vec![0.0f32; w];
+    for (dy, out) in band.chunks_mut(ws).enumerate() {
+        let y0 = (ys0 + dy) * WIDE_STEP;
+        let y1 = (y0 + WIDE_STEP).min(h);
+        sum.copy_from_slice(&p[y0 * w..(y0 + 1) * w]);
+        for y in y0 + 1..y1 {
+            sum.iter_mut()
+                .zip(&p[y * w..(y + 1) * w])
+                .for_each(|(s, v)| *s += v);
         }
-    });
-    let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
-    blur_plane(&small, ws, hs, &k, threads.min(2))
+        for (o, block) in out.iter_mut().zip(sum.chunks(WIDE_STEP)) {
+            *o = block.iter().sum::<f32>() / (block.len() * (y1 - y0)) as f32;
+        }
+    }
 }
 
 /// Where full-resolution column (or row) d reads the quarter-resolution plane of n: the two
@@ -152,7 +166,7 @@ fn wide_src(d: usize, n: usize) -> (usize, usize, f32) {
 }
 
 impl Planes {
-    /// The sigma-12 blur of `plane` (`ws x hs`, as [`wide_blur`] makes it) at (x, y) of w x h.
+    /// The sigma-12 blur of `plane` (`ws x hs`, as [`Planes::add_wide`] makes it) at (x, y) of w x h.
     fn wide_at(&self, plane: &[f32], x: usize, y: usize, w: usize, h: usize) -> f32 {
         let ws = self.small_w;
         let ((a, b, fy), (i0, i1, fx)) = (wide_src(y, self.small_h), wide_src(x, ws));
@@ -267,37 +281,40 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
     let n = width * height;
     let (o0, rest) = out.data.split_at_mut(n);
     let (o1, o2) = rest.split_at_mut(n);
-    let own =
-        [0, 1, 2].map(|c| [0, 1, 2].map(|ch| [w[3 * (FINE + ch) + c], w[3 * (MID + ch) + c]]));
-    if uses_own_blurs(w) {
-        let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
-        let srcs = [src.plane(0), src.plane(1), src.plane(2)];
-        let outs = [&mut *o0, &mut *o1, &mut o2[..n]];
-        blur_add(srcs, width, height, &k1, &k2, own, outs, threads);
-    }
+    let outs = [o0, o1, &mut o2[..n]];
     let planes = if uses(w, WIDE..WIDE + 3) {
         Planes::wide_only(src, threads)
     } else {
         Planes::none()
     };
-    let wide = mixed_wide(&planes, w, width);
-    let with_position = uses(w, POSITION);
-    if wide.is_empty() && !with_position {
-        return;
+    let wide = mixed_wide(&planes, w);
+    let terms = RowTerms {
+        src,
+        small: (planes.small_w, planes.small_h),
+        wide: &wide,
+        w,
+        with_position: uses(w, POSITION),
+        us: (0..width).map(|x| coord(x, width)).collect(),
+    };
+    if uses_own_blurs(w) {
+        // the row terms join the blurs' pass, tile by tile
+        let own =
+            [0, 1, 2].map(|c| [0, 1, 2].map(|ch| [w[3 * (FINE + ch) + c], w[3 * (MID + ch) + c]]));
+        let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
+        let srcs = [src.plane(0), src.plane(1), src.plane(2)];
+        blur_add(srcs, (width, height), &k1, &k2, own, outs, &terms, threads);
+    } else if !terms.is_empty() {
+        par::planes(outs, width, threads, |y0, out| {
+            kernels::simd(
+                width,
+                ResidualBand {
+                    terms: &terms,
+                    y0,
+                    out,
+                },
+            )
+        });
     }
-    par::planes([o0, o1, &mut o2[..n]], width, threads, |y0, bands| {
-        let band = ResidualBand {
-            src,
-            small_h: planes.small_h,
-            wide: &wide,
-            w,
-            with_position,
-            y0,
-            height,
-            out: bands,
-        };
-        kernels::simd(width, band)
-    });
 }
 
 /// Whether weights `w` use the residual's own full-resolution blurs (sigma 1 or 2.5).
@@ -318,16 +335,14 @@ pub fn stages(w: &[f32]) -> Vec<&'static str> {
     .collect()
 }
 
-/// Per output channel, the quarter-resolution sigma-12 planes mixed by their weights and
-/// upsampled along their rows to the frame's width (`small_h x width`); the rows in between are
-/// interpolated where they are added. Upsampling is linear, so mixing first upsamples one plane
-/// instead of three. Empty without sigma-12 planes (`apply` makes them only where used).
-fn mixed_wide(planes: &Planes, w: &[f32], width: usize) -> Vec<Vec<f32>> {
+/// Per output channel, the quarter-resolution sigma-12 planes mixed by their weights
+/// (`small_w x small_h`); [`apply`]'s pass upsamples the two rows each output row reads.
+/// Upsampling is linear, so mixing first upsamples one plane instead of three. Empty without
+/// sigma-12 planes (`apply` makes them only where used).
+fn mixed_wide(planes: &Planes, w: &[f32]) -> Vec<Vec<f32>> {
     if planes.wide[0].is_empty() {
         return Vec::new();
     }
-    let ws = planes.small_w;
-    let xs: Vec<_> = (0..width).map(|x| wide_src(x, ws)).collect();
     (0..3)
         .map(|c| {
             let mut m = vec![0.0f32; planes.wide[0].len()];
@@ -335,27 +350,137 @@ fn mixed_wide(planes: &Planes, w: &[f32], width: usize) -> Vec<Vec<f32>> {
                 let wc = w[3 * (WIDE + ch) + c];
                 m.iter_mut().zip(p).for_each(|(m, v)| *m += wc * v);
             }
-            let mut wide = vec![0.0f32; planes.small_h * width];
-            for (row, small) in wide.chunks_mut(width).zip(m.chunks(ws)) {
-                for (o, &(i0, i1, fx)) in row.iter_mut().zip(&xs) {
-                    *o = small[i0] + fx * (small[i1] - small[i0]);
-                }
-            }
-            wide
+            m
         })
         .collect()
 }
 
-/// One thread's rows of [`apply`].
-struct ResidualBand<'a> {
+/// Quarter-resolution row `small` upsampled along x into `out` (the full width), as
+/// [`wide_src`] reads it, bit for bit. Inside the row each block of four pixels reads the same
+/// three samples at the same four fractions, so the per-pixel lookups go (at 1080p they took
+/// longer than the whole pass that adds the result).
+fn upsample_row(small: &[f32], out: &mut [f32]) {
+    let (n, width) = (small.len(), out.len());
+    let lerp = |x: usize| {
+        let (i0, i1, fx) = wide_src(x, n);
+        small[i0] + fx * (small[i1] - small[i0])
+    };
+    // blocks 1..n-1 read samples i-1, i, i+1 at s = i - 0.375, - 0.125, + 0.125, + 0.375
+    let lo = WIDE_STEP.min(width);
+    let hi = (WIDE_STEP * n.saturating_sub(1).min(width / WIDE_STEP)).max(lo);
+    for (x, o) in out.iter_mut().enumerate().take(lo) {
+        *o = lerp(x);
+    }
+    for (o, s) in out[lo..hi]
+        .chunks_exact_mut(WIDE_STEP)
+        .zip(small.windows(3))
+    {
+        let [p, c, nx] = [s[0], s[1], s[2]];
+        o[0] = p + 0.625 * (c - p);
+        o[1] = p + 0.875 * (c - p);
+        o[2] = c + 0.125 * (nx - c);
+        o[3] = c + 0.375 * (nx - c);
+    }
+    for (x, o) in out.iter_mut().enumerate().skip(hi) {
+        *o = lerp(x);
+    }
+}
+
+/// The two rows of one channel's mixed sigma-12 plane that an output row reads, upsampled along
+/// x; kept while the next output rows read the same ones (four rows in a row do).
+struct WideRows {
+    at: Option<(usize, usize)>,
+    above: Vec<f32>,
+    below: Vec<f32>,
+}
+
+impl WideRows {
+    fn new(width: usize) -> Self {
+        WideRows {
+            at: None,
+            above: vec![0.0; width],
+            below: vec![0.0; width],
+        }
+    }
+
+    /// Rows a and b of `m` (rows of `ws`), upsampled.
+    fn get(&mut self, m: &[f32], ws: usize, (a, b): (usize, usize)) -> (&[f32], &[f32]) {
+        if self.at != Some((a, b)) {
+            if self.at.is_some_and(|(_, last)| last == a) {
+                std::mem::swap(&mut self.above, &mut self.below);
+            } else {
+                upsample_row(&m[a * ws..(a + 1) * ws], &mut self.above);
+            }
+            upsample_row(&m[b * ws..(b + 1) * ws], &mut self.below);
+            self.at = Some((a, b));
+        }
+        (&self.above, &self.below)
+    }
+}
+
+/// What the residual adds row by row, after its own blurs: the sigma-12 blur and the position
+/// terms.
+struct RowTerms<'a> {
     src: &'a Frame,
-    /// Rows of the quarter-resolution sigma-12 planes that `wide` was upsampled from.
-    small_h: usize,
+    /// Size of the quarter-resolution sigma-12 planes.
+    small: (usize, usize),
+    /// Per output channel, the mixed sigma-12 plane ([`mixed_wide`]); empty when unused.
     wide: &'a [Vec<f32>],
     w: &'a [f32],
     with_position: bool,
+    /// Normalised position of each column.
+    us: Vec<f32>,
+}
+
+impl RowTerms<'_> {
+    fn is_empty(&self) -> bool {
+        self.wide.is_empty() && !self.with_position
+    }
+}
+
+impl TileAdd for RowTerms<'_> {
+    /// The upsampled sigma-12 rows last read, per output channel.
+    type State = Vec<WideRows>;
+
+    fn state(&self) -> Vec<WideRows> {
+        let width = self.src.width;
+        self.wide.iter().map(|_| WideRows::new(width)).collect()
+    }
+
+    #[inline(always)]
+    fn add<S: Simd>(&self, s: S, cached: &mut Vec<WideRows>, y0: usize, out: [&mut [f32]; 3]) {
+        if self.is_empty() {
+            return;
+        }
+        let (width, height) = (self.src.width, self.src.height);
+        let (ws, hs) = self.small;
+        let [o0, o1, o2] = out;
+        let rows = o0
+            .chunks_mut(width)
+            .zip(o1.chunks_mut(width))
+            .zip(o2.chunks_mut(width));
+        for (dy, ((o0, o1), o2)) in rows.enumerate() {
+            let y = y0 + dy;
+            let i0 = y * width;
+            let rgb = [0, 1, 2].map(|c| row_at(self.src.plane(c), i0, width));
+            let v = coord(y, height);
+            for (c, o) in [o0, o1, o2].into_iter().enumerate() {
+                let wide = self.wide.get(c).zip(cached.get_mut(c)).map(|(m, rows)| {
+                    let (a, b, fy) = wide_src(y, hs);
+                    let (above, below) = rows.get(m, ws, (a, b));
+                    (above, below, fy)
+                });
+                let weights = ChannelWeights::new(self.w, c, v, self.with_position);
+                residual_row(s, o, &rgb, wide, &self.us, &weights);
+            }
+        }
+    }
+}
+
+/// One thread's rows of [`RowTerms`], where no blur pass carries them.
+struct ResidualBand<'a> {
+    terms: &'a RowTerms<'a>,
     y0: usize,
-    height: usize,
     out: [&'a mut [f32]; 3],
 }
 
@@ -364,27 +489,8 @@ impl WithSimd for ResidualBand<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) {
-        let width = self.src.width;
-        let us: Vec<f32> = (0..width).map(|x| coord(x, width)).collect();
-        let [o0, o1, o2] = self.out;
-        let rows = o0
-            .chunks_mut(width)
-            .zip(o1.chunks_mut(width))
-            .zip(o2.chunks_mut(width));
-        for (dy, ((o0, o1), o2)) in rows.enumerate() {
-            let y = self.y0 + dy;
-            let i0 = y * width;
-            let rgb = [0, 1, 2].map(|c| row_at(self.src.plane(c), i0, width));
-            let v = coord(y, self.height);
-            for (c, o) in [o0, o1, o2].into_iter().enumerate() {
-                let wide = self.wide.get(c).map(|m| {
-                    let (a, b, fy) = wide_src(y, self.small_h);
-                    (row_at(m, a * width, width), row_at(m, b * width, width), fy)
-                });
-                let weights = ChannelWeights::new(self.w, c, v, self.with_position);
-                residual_row(s, o, &rgb, wide, &us, &weights);
-            }
-        }
+        let mut state = self.terms.state();
+        self.terms.add(s, &mut state, self.y0, self.out);
     }
 }
 
@@ -487,6 +593,23 @@ mod tests {
             with(&[FINE, WIDE + 1, POSITION.end - 1]),
             ["sigma 1 and 2.5 blurs", "sigma 12 blur", "position terms"]
         );
+    }
+
+    /// The unrolled upsampling reads what `wide_src` says, bit for bit, at every width (a
+    /// whole number of blocks or not) down to a single quarter-resolution sample.
+    #[test]
+    fn upsample_row_is_the_lerp_wide_src_names() {
+        for width in [1usize, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 37, 640, 641, 643] {
+            let n = width.div_ceil(WIDE_STEP);
+            let small: Vec<f32> = (0..n).map(|i| ((i * 7919 % 97) as f32).sin()).collect();
+            let mut out = vec![f32::NAN; width];
+            upsample_row(&small, &mut out);
+            for (x, got) in out.iter().enumerate() {
+                let (i0, i1, fx) = wide_src(x, n);
+                let want = small[i0] + fx * (small[i1] - small[i0]);
+                assert_eq!(got.to_bits(), want.to_bits(), "width {width}, x {x}");
+            }
+        }
     }
 
     #[test]

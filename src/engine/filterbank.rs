@@ -109,22 +109,41 @@ pub fn blur_into<const P: usize>(
     });
 }
 
+/// What [`blur_add`] adds to each tile of output rows once the blurs are in, while those rows
+/// are still in cache (the residual stage's per-row terms, bank.rs): one pass over the output
+/// instead of two.
+pub trait TileAdd: Sync {
+    /// What one thread keeps from tile to tile.
+    type State;
+    fn state(&self) -> Self::State;
+    /// Adds to `outs`, the output rows from row `y` on.
+    fn add<S: Simd>(&self, s: S, state: &mut Self::State, y: usize, outs: [&mut [f32]; 3]);
+}
+
+/// Nothing more to add.
+impl TileAdd for () {
+    type State = ();
+    fn state(&self) {}
+    fn add<S: Simd>(&self, _: S, _: &mut (), _: usize, _: [&mut [f32]; 3]) {}
+}
+
 /// Adds gaussians of the three planes `srcs` to the three planes `outs` without keeping them:
-/// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`.
-/// As [`blur_into`], but each tile's blurred rows live in a tile-sized buffer, so no plane is
-/// written and read back (the residual stage's own blurs, bank.rs).
+/// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`,
+/// then `then`'s terms, tile by tile. As [`blur_into`], but each tile's blurred rows live in a
+/// tile-sized buffer, so no plane is written and read back (the residual stage's own blurs,
+/// bank.rs).
 #[allow(
     clippy::too_many_arguments,
-    reason = "blur_into's arguments and the weights"
+    reason = "blur_into's arguments, the weights and what follows them"
 )]
-pub fn blur_add(
+pub fn blur_add<T: TileAdd>(
     srcs: [&[f32]; 3],
-    w: usize,
-    h: usize,
+    (w, h): (usize, usize),
     short: &[f32],
     long: &[f32],
     weights: [[[f32; 2]; 3]; 3],
     outs: [&mut [f32]; 3],
+    then: &T,
     threads: usize,
 ) {
     assert!(!short.is_empty() && short.len() <= long.len() && long.len() % 2 == 1);
@@ -137,13 +156,14 @@ pub fn blur_add(
             weights,
             y0,
             outs: bands,
+            then,
         };
         kernels::simd(w, band)
     });
 }
 
 /// One thread's rows of [`blur_add`].
-struct BlurAddBand<'a> {
+struct BlurAddBand<'a, T> {
     srcs: [&'a [f32]; 3],
     w: usize,
     h: usize,
@@ -151,9 +171,10 @@ struct BlurAddBand<'a> {
     weights: [[[f32; 2]; 3]; 3],
     y0: usize,
     outs: [&'a mut [f32]; 3],
+    then: &'a T,
 }
 
-impl WithSimd for BlurAddBand<'_> {
+impl<T: TileAdd> WithSimd for BlurAddBand<'_, T> {
     type Output = ();
 
     #[inline(always)]
@@ -164,6 +185,7 @@ impl WithSimd for BlurAddBand<'_> {
         let mut tiles = [0, 1].map(|_| vec![0.0f32; TILE_ROWS * w]);
         let mut buf = vec![0.0f32; w + 2 * (long.len() / 2)];
         let mut outs = self.outs;
+        let mut state = self.then.state();
         for t0 in (0..n_rows).step_by(TILE_ROWS) {
             let rows = TILE_ROWS.min(n_rows - t0);
             for (ch, src) in self.srcs.iter().enumerate() {
@@ -182,6 +204,8 @@ impl WithSimd for BlurAddBand<'_> {
                     axpy2(s, o, [a, b], [ts, tl]);
                 }
             }
+            let tile = outs.each_mut().map(|o| &mut o[t0 * w..(t0 + rows) * w]);
+            self.then.add(s, &mut state, self.y0 + t0, tile);
         }
     }
 }
