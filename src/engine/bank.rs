@@ -360,6 +360,8 @@ fn mixed_wide(planes: &Planes, w: &[f32]) -> Vec<Vec<f32>> {
 /// three samples at the same four fractions, so the per-pixel lookups go (at 1080p they took
 /// longer than the whole pass that adds the result).
 fn upsample_row(small: &[f32], out: &mut [f32]) {
+    // the four fractions below are those of a step of 4
+    const { assert!(WIDE_STEP == 4) };
     let (n, width) = (small.len(), out.len());
     let lerp = |x: usize| {
         let (i0, i1, fx) = wide_src(x, n);

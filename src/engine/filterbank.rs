@@ -120,13 +120,6 @@ pub trait TileAdd: Sync {
     fn add<S: Simd>(&self, s: S, state: &mut Self::State, y: usize, outs: [&mut [f32]; 3]);
 }
 
-/// Nothing more to add.
-impl TileAdd for () {
-    type State = ();
-    fn state(&self) {}
-    fn add<S: Simd>(&self, _: S, _: &mut (), _: usize, _: [&mut [f32]; 3]) {}
-}
-
 /// Adds gaussians of the three planes `srcs` to the three planes `outs` without keeping them:
 /// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`,
 /// then `then`'s terms, tile by tile. As [`blur_into`], but each tile's blurred rows live in a

@@ -8,6 +8,7 @@
 //! encode. jpeg-encoder has no such mode, hence the splicing here.
 
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 
 use crate::{Error, Result};
 
@@ -44,20 +45,22 @@ where
         .step_by(strip_rows * MCU)
         .map(|y| y..(y + strip_rows * MCU).min(h))
         .collect();
+    let strip = |r: Range<usize>| one_piece(&rows(r.clone()), w16, side(r.len())?, Some(interval));
     let parts = std::thread::scope(|s| {
+        let mut strips = strips.into_iter();
+        let first = strips.next();
         let handles: Vec<_> = strips
-            .into_iter()
             .map(|r| {
-                let rows = &rows;
-                s.spawn(move || one_piece(&rows(r.clone()), w16, side(r.len())?, Some(interval)))
+                let strip = &strip;
+                s.spawn(move || strip(r))
             })
             .collect();
-        handles
+        // the calling thread encodes the first strip rather than wait: one thread fewer to start
+        let first = first.map(|r| std::panic::catch_unwind(AssertUnwindSafe(|| strip(r))));
+        first
             .into_iter()
-            .map(|t| {
-                t.join()
-                    .unwrap_or_else(|_| Err(encode_err("a strip's encoder panicked")))
-            })
+            .chain(handles.into_iter().map(|t| t.join()))
+            .map(|p| p.unwrap_or_else(|_| Err(encode_err("a strip's encoder panicked"))))
             .collect::<Result<Vec<_>>>()
     })?;
     join(&parts, h16).ok_or_else(|| encode_err("jpeg-encoder wrote an unexpected layout"))
