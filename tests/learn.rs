@@ -313,6 +313,36 @@ fn an_aligned_colour_edit_keeps_no_blur_and_a_blur_does() {
     }
 }
 
+/// A blur template runs only the blur passes it needs: the sigma 1 and 2.5 blurs after G cost
+/// two full-resolution passes per channel, so they are kept only where they buy 0.5 dB over G's
+/// own sigma 1.5 and 6 blurs, whose weights fold into G's grid (fit.rs, `earned_blurs`). Before
+/// that rule a blur or sharpen at sigma 1.5 ran both passes for what G's blur already held.
+#[test]
+fn a_blur_keeps_the_cheapest_blur_scales_that_fit_it() {
+    let e = engine();
+    let (a, _) = line_pair();
+    let sharpen = FAMILIES.iter().find(|(n, _)| *n == "sharpen").unwrap().1;
+    for (name, a2, own) in [
+        ("blur sigma 1.5", blur(&a, 1.5), false),
+        ("sharpen sigma 1.5", sharpen(&a), false),
+        ("blur sigma 1", blur(&a, 1.0), true),
+        ("blur sigma 2.5", blur(&a, 2.5), true),
+    ] {
+        let l = e.learn(&[(a.clone(), a2.quantised())]).unwrap();
+        let passes = bank::stages(&l.residual);
+        assert!(
+            l.card.part_gains_db.blurs >= 0.5,
+            "{name}: {:?}",
+            l.card.part_gains_db
+        );
+        assert_eq!(
+            passes.contains(&"sigma 1 and 2.5 blurs"),
+            own,
+            "{name}: {passes:?}"
+        );
+    }
+}
+
 #[test]
 fn the_undo_gives_back_the_capture() {
     let e = engine();

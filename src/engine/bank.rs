@@ -51,6 +51,23 @@ const FINE: usize = 3;
 const MID: usize = 9;
 const WIDE: usize = 15;
 
+/// A set of the blur scales (bit i: sigma 1, 1.5, 2.5, 6, 12, the planes `BLURS.start + 3i..`),
+/// named by what `apply` pays for them.
+pub type Scales = u8;
+/// G's sigma 1.5 and 6: their weights fold into G's grid, free per pixel.
+pub const SCALES_FOLDED: Scales = 0b01010;
+/// The sigma-12 blur: one pass at quarter resolution, interpolated into the output.
+pub const SCALES_WIDE: Scales = 1 << 4;
+/// Every scale; sigma 1 and 2.5 cost two full-resolution blurs per channel.
+pub const SCALES_ALL: Scales = 0b11111;
+const _: () = assert!(scale(FINE) == 0 && scale(MID) == 2 && scale(WIDE) == 4);
+const _: () = assert!(IN_SLICING[3].0 == BLURS.start + 3 && IN_SLICING[6].0 == BLURS.start + 9);
+
+/// The scale (bit of [`Scales`]) of blur feature `j`, one of `BLURS`.
+pub const fn scale(j: usize) -> usize {
+    (j - BLURS.start) / 3
+}
+
 /// The residual stage's own blurred planes of one frame, as learn's fit reads them per pixel
 /// ([`features`]); apply keeps only the quarter-resolution sigma-12 ones.
 pub struct Planes {

@@ -97,8 +97,8 @@ struct Cols {
     /// Whether each output channel's blur features are its own channel's blurred planes only
     /// (the colour, bias and position terms still mix channels); chosen by validation.
     per_channel_blurs: bool,
-    /// Whether the bank part has its blur features at all (`earned_blurs` may leave them out).
-    blurs: bool,
+    /// The bank part's blur scales (`earned_blurs` keeps those that pay for their apply).
+    blurs: bank::Scales,
 }
 
 /// The frame the position terms are measured in: the source's, or the target's own.
@@ -250,7 +250,7 @@ impl Accumulator {
                 PositionFrame::Source
             },
             per_channel_blurs: false,
-            blurs: true,
+            blurs: bank::SCALES_ALL,
         };
         let mixed = Scores::new(&folds, cols, None);
         let own_cols = Cols {
@@ -564,9 +564,12 @@ impl Scores {
     }
 }
 
-/// `scores`, or the same fit without the bank's blur features where they buy less than
-/// `min_gain`: MIN_PART_GAIN_DB like any part, or RESAMPLED_BLUR_GAIN_DB on a resampled pair,
-/// where what blurs gain below that is the two shots' sampling and the warp, not the edit.
+/// `scores` (every blur scale), or the same fit with the cheapest set of blur scales that buys
+/// as much: the blurs at all must buy `min_gain` over none (MIN_PART_GAIN_DB like any part, or
+/// RESAMPLED_BLUR_GAIN_DB on a resampled pair, where what blurs gain below that is the two shots'
+/// sampling and the warp, not the edit), and each costlier set as much again over the one kept
+/// before it: G's blurs (free at apply), then the sigma-12 blur (a quarter-resolution pass), then
+/// sigma 1 and 2.5 (two full-resolution blurs per channel, up to 1.5x G alone).
 fn earned_blurs(
     scores: Scores,
     folds: &[(Normal, Normal)],
@@ -574,24 +577,37 @@ fn earned_blurs(
     best: impl Fn(&Scores) -> f64,
     min_gain: f64,
 ) -> Scores {
-    let still = Scores::new(
-        folds,
-        Cols {
-            blurs: false,
-            per_channel_blurs: false,
+    let with = |blurs: bank::Scales| {
+        let per_channel_blurs = blurs != 0 && scores.cols.per_channel_blurs;
+        let cols = Cols {
+            blurs,
+            per_channel_blurs,
             ..cols
-        },
-        Some(&scores),
-    );
-    let g = gain_db(best(&still), best(&scores));
+        };
+        Scores::new(folds, cols, Some(&scores))
+    };
+    let none = with(0);
+    let e_none = best(&none);
+    let g = gain_db(e_none, best(&scores));
     tracing::debug!("fit: the blur features gain {g:.3} dB (kept from {min_gain} dB)");
     if g < min_gain {
-        still
-    } else {
-        Scores {
-            blur_gain: g,
-            ..scores
+        return none;
+    }
+    let cheaper = [bank::SCALES_FOLDED, bank::SCALES_FOLDED | bank::SCALES_WIDE].map(with);
+    let mut kept = none;
+    for next in cheaper.into_iter().chain([scores]) {
+        let g = gain_db(best(&kept), best(&next));
+        tracing::debug!(
+            "fit: blur scales {:05b} gain {g:.3} dB more",
+            next.cols.blurs
+        );
+        if g >= min_gain {
+            kept = next;
         }
+    }
+    Scores {
+        blur_gain: gain_db(e_none, best(&kept)),
+        ..kept
     }
 }
 
@@ -605,9 +621,10 @@ fn columns(set: u8, cols: Cols) -> Idx {
     if set & 1 != 0 {
         idx.extend((0..TONE_P).filter(|i| cols.hue_terms || i % K < K - HUES));
     }
-    let own = set & 2 != 0 && cols.per_channel_blurs && cols.blurs;
+    let own = set & 2 != 0 && cols.per_channel_blurs && cols.blurs != 0;
+    let kept = |j: &usize| cols.blurs >> bank::scale(*j) & 1 != 0;
     if set & 2 != 0 {
-        let mixed = |j: &usize| (cols.blurs && !own) || !bank::BLURS.contains(j);
+        let mixed = |j: &usize| !bank::BLURS.contains(j) || (!own && kept(j));
         idx.extend(bank::BANK.filter(mixed).map(|j| TONE_P + j));
     }
     if set & 4 != 0 {
@@ -620,7 +637,13 @@ fn columns(set: u8, cols: Cols) -> Idx {
     let channel = |c: usize| {
         let mut cols = idx.clone();
         if own {
-            cols.extend(bank::BLURS.skip(c).step_by(3).map(|j| TONE_P + j));
+            cols.extend(
+                bank::BLURS
+                    .skip(c)
+                    .step_by(3)
+                    .filter(kept)
+                    .map(|j| TONE_P + j),
+            );
         }
         cols
     };
@@ -698,7 +721,7 @@ fn position_frame(all: &Normal, hue_terms: bool) -> PositionFrame {
             hue_terms,
             frame,
             per_channel_blurs: false,
-            blurs: true,
+            blurs: bank::SCALES_ALL,
         };
         solve(all, Base::Identity, ALL, LAMBDAS.len() / 2, cols).map_or(f64::INFINITY, |d| {
             val_error(all, Base::Identity, &columns(ALL, cols), &d)
@@ -1056,7 +1079,7 @@ mod tests {
             hue_terms: true,
             frame: PositionFrame::Source,
             per_channel_blurs: true,
-            blurs: true,
+            blurs: bank::SCALES_ALL,
         };
         let idx = columns(ALL, cols);
         // each channel: the shared unknowns, then its own 5 blurred planes
@@ -1108,7 +1131,7 @@ mod tests {
             hue_terms,
             frame: PositionFrame::Source,
             per_channel_blurs,
-            blurs: true,
+            blurs: bank::SCALES_ALL,
         };
         // no parts at all: the base's own error (what `select_from` scores for an identity)
         let all = Normal::sum(&acc.tiles);
