@@ -462,7 +462,7 @@ def report(rows, moved, failures, args):
     passes = [p for p in passes if p]
     if passes:
         alone = sum(1 for p in passes if p.startswith("G alone"))
-        named = ("sigma 1 and 2.5 blurs", "sigma 12 blur", "position terms")
+        named = ("sigma 1 blur", "sigma 2.5 blur", "sigma 12 blur", "position terms")
         each = ", ".join(f"{sum(1 for p in passes if n in p)} the {n}" for n in named)
         P(f"* what `apply` runs for the {len(passes)} templates (`templates show`; issue 9: apply time unchanged "
           f"within 10 %): G alone, the residual stage folded into its grid or absent, for {alone}; after G, {each}")

@@ -228,17 +228,23 @@ fn stage_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize
     Ok(())
 }
 
-/// Apply with the residual stage against G alone: every feature in use (the worst case), and
-/// the bank group alone (colour, blurs, bias), the part most of the card's templates keep.
+/// Apply with the residual stage against G alone: every feature in use (the worst case), the
+/// bank group alone (colour, blurs, bias), and the bank group without its sigma 2.5 blur, what
+/// most of the card's templates that run a full-resolution blur pass keep (model card).
 fn residual_figures(float: &Engine, first: &Learned, frames: &[Frame], iters: usize) -> Result<()> {
     let full = vec![1e-3f32; bank::NF * 3];
     let mut bank_only = full.clone();
     bank_only[3 * bank::POSITION.start..].fill(0.0);
+    let mut sigma_1 = bank_only.clone();
+    for j in bank::BLURS.filter(|&j| bank::SCALES_MID >> bank::scale(j) & 1 != 0) {
+        sigma_1[3 * j..3 * (j + 1)].fill(0.0);
+    }
     for f in frames {
         let g_only = time_ms(iters, || float.apply(&first.delta, f, false))?;
         for (what, residual) in [
             ("the full residual stage", &full),
             ("the bank group", &bank_only),
+            ("the bank group without sigma 2.5", &sigma_1),
         ] {
             let edit = Edit {
                 delta: &first.delta,

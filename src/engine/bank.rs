@@ -9,7 +9,8 @@
 //!
 //! How it runs: the weights of the features slicing computes anyway (colour, G's two blurs, the
 //! bias) are added to G's grid before slicing ([`fold`]), which costs nothing per pixel. Its own
-//! sigma 1 and 2.5 blurs are added to the output tile by tile as they are made
+//! sigma 1 and 2.5 blurs (either alone where the template keeps one) are added to the output
+//! tile by tile as they are made
 //! (`filterbank::blur_add`), never kept as planes; the sigma-12 blur stays at quarter resolution
 //! until one vectorised pass over the output rows interpolates it, with the position terms.
 
@@ -58,7 +59,10 @@ pub type Scales = u8;
 pub const SCALES_FOLDED: Scales = 0b01010;
 /// The sigma-12 blur: one pass at quarter resolution, interpolated into the output.
 pub const SCALES_WIDE: Scales = 1 << 4;
-/// Every scale; sigma 1 and 2.5 cost two full-resolution blurs per channel.
+/// The residual's own sigma 1 and 2.5 blurs: one full-resolution blur per channel each (sigma
+/// 2.5 has the longer kernel).
+pub const SCALES_FINE: Scales = 1 << 0;
+pub const SCALES_MID: Scales = 1 << 2;
 pub const SCALES_ALL: Scales = 0b11111;
 const _: () = assert!(scale(FINE) == 0 && scale(MID) == 2 && scale(WIDE) == 4);
 const _: () = assert!(IN_SLICING[3].0 == BLURS.start + 3 && IN_SLICING[6].0 == BLURS.start + 9);
@@ -315,11 +319,27 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
     };
     if uses_own_blurs(w) {
         // the row terms join the blurs' pass, tile by tile
-        let own =
-            [0, 1, 2].map(|c| [0, 1, 2].map(|ch| [w[3 * (FINE + ch) + c], w[3 * (MID + ch) + c]]));
         let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
+        // a template that keeps one of the two scales pays for that blur alone: blur_add's
+        // short kernel is then empty, and its weights (the unused scale's) are zero
+        let (short, long, order): (&[f32], &[f32], _) =
+            match (uses(w, FINE..FINE + 3), uses(w, MID..MID + 3)) {
+                (true, true) => (&k1, &k2, [FINE, MID]),
+                (true, false) => (&[], &k1, [MID, FINE]),
+                _ => (&[], &k2, [FINE, MID]),
+            };
+        let own = [0, 1, 2].map(|c| [0, 1, 2].map(|ch| order.map(|j| w[3 * (j + ch) + c])));
         let srcs = [src.plane(0), src.plane(1), src.plane(2)];
-        blur_add(srcs, (width, height), &k1, &k2, own, outs, &terms, threads);
+        blur_add(
+            srcs,
+            (width, height),
+            short,
+            long,
+            own,
+            outs,
+            &terms,
+            threads,
+        );
     } else if !terms.is_empty() {
         par::planes(outs, width, threads, |y0, out| {
             kernels::simd(
@@ -343,7 +363,8 @@ fn uses_own_blurs(w: &[f32]) -> bool {
 /// when everything the residual uses folds into G's grid (then it costs what G alone does).
 pub fn stages(w: &[f32]) -> Vec<&'static str> {
     [
-        (uses_own_blurs(w), "sigma 1 and 2.5 blurs"),
+        (uses(w, FINE..FINE + 3), "sigma 1 blur"),
+        (uses(w, MID..MID + 3), "sigma 2.5 blur"),
         (uses(w, WIDE..WIDE + 3), "sigma 12 blur"),
         (uses(w, POSITION), "position terms"),
     ]
@@ -605,12 +626,17 @@ mod tests {
         // colour, G's sigma 1.5 and 6 blurs and the bias fold into G's grid
         assert!(with(&[0, 7, 13, BIAS]).is_empty());
         assert!(stages(&[]).is_empty());
-        assert_eq!(with(&[FINE]), ["sigma 1 and 2.5 blurs"]);
-        assert_eq!(with(&[MID + 2, 1]), ["sigma 1 and 2.5 blurs"]);
+        assert_eq!(with(&[FINE]), ["sigma 1 blur"]);
+        assert_eq!(with(&[MID + 2, 1]), ["sigma 2.5 blur"]);
         assert_eq!(with(&[WIDE]), ["sigma 12 blur"]);
         assert_eq!(
-            with(&[FINE, WIDE + 1, POSITION.end - 1]),
-            ["sigma 1 and 2.5 blurs", "sigma 12 blur", "position terms"]
+            with(&[FINE, MID, WIDE + 1, POSITION.end - 1]),
+            [
+                "sigma 1 blur",
+                "sigma 2.5 blur",
+                "sigma 12 blur",
+                "position terms"
+            ]
         );
     }
 
@@ -639,19 +665,31 @@ mod tests {
         for (i, v) in src.data.iter_mut().enumerate() {
             *v = ((i * 7919 % 1000) as f32 / 1000.0 + (i / n) as f32 * 0.1).fract();
         }
-        let weights: Vec<f32> = (0..NF * 3)
+        let all: Vec<f32> = (0..NF * 3)
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 50.0)
             .collect();
-        let g = blurs(&src, 1);
+        // every feature, then the two own blurs' one-kernel passes (one of the scales left out)
+        for left_out in [None, Some(FINE), Some(MID)] {
+            let mut weights = all.clone();
+            if let Some(j) = left_out {
+                weights[3 * j..3 * (j + 3)].fill(0.0);
+            }
+            matches_the_features(&src, &weights);
+        }
+    }
+
+    fn matches_the_features(src: &Frame, weights: &[f32]) {
+        let (w, h, n) = (src.width, src.height, src.width * src.height);
+        let g = blurs(src, 1);
         let mut grid = vec![0.0f32; GRID * GRID * LBINS * 3 * K];
-        fold(&mut grid, &weights);
-        let mut out = crate::engine::slice::apply(&src, &g, &grid, 2);
-        apply(&mut out, &src, &weights, 2);
-        let p = planes(&src, 1);
+        fold(&mut grid, weights);
+        let mut out = crate::engine::slice::apply(src, &g, &grid, 2);
+        apply(&mut out, src, weights, 2);
+        let p = planes(src, 1);
         let mut phi = [0.0f32; NF];
         for y in 0..h {
             for x in 0..w {
-                features(&src, &g, &p, x, y, &mut phi);
+                features(src, &g, &p, x, y, &mut phi);
                 for c in 0..3 {
                     let want: f32 =
                         (0..NF).map(|j| weights[3 * j + c] * phi[j]).sum::<f32>() + phi[c];

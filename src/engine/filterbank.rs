@@ -122,7 +122,7 @@ pub trait TileAdd: Sync {
 
 /// Adds gaussians of the three planes `srcs` to the three planes `outs` without keeping them:
 /// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`,
-/// then `then`'s terms, tile by tile. As [`blur_into`], but each tile's blurred rows live in a
+/// then `then`'s terms, tile by tile. An empty `short` is not computed (its weights must be 0). As [`blur_into`], but each tile's blurred rows live in a
 /// tile-sized buffer, so no plane is written and read back (the residual stage's own blurs,
 /// bank.rs).
 #[allow(
@@ -139,7 +139,7 @@ pub fn blur_add<T: TileAdd>(
     then: &T,
     threads: usize,
 ) {
-    assert!(!short.is_empty() && short.len() <= long.len() && long.len() % 2 == 1);
+    assert!(short.len() <= long.len() && long.len() % 2 == 1);
     par::planes(outs, w, threads, |y0, bands| {
         let band = BlurAddBand {
             srcs,
@@ -203,10 +203,20 @@ impl<T: TileAdd> WithSimd for BlurAddBand<'_, T> {
     }
 }
 
-/// out += a * x + b * y on SIMD lanes (nothing where both weights are zero).
+/// out += a * x + b * y on SIMD lanes (nothing where both weights are zero). `x` is not read
+/// where `a` is zero (a kernel [`blur_add`] did not compute); adding 0 * x changed no bit anyway.
 #[inline(always)]
 fn axpy2<S: Simd>(s: S, out: &mut [f32], [a, b]: [f32; 2], [x, y]: [&[f32]; 2]) {
     if a == 0.0 && b == 0.0 {
+        return;
+    }
+    if a == 0.0 {
+        let (b, step) = (s.splat_f32s(b), S::F32_LANES);
+        for i in (0..out.len()).step_by(step) {
+            let n = step.min(out.len() - i);
+            let v = s.mul_add_e_f32s(b, load_n::<S>(&y[i..], n), load_n::<S>(&out[i..], n));
+            store_n::<S>(&mut out[i..], n, v);
+        }
         return;
     }
     let (a, b, step) = (s.splat_f32s(a), s.splat_f32s(b), S::F32_LANES);

@@ -569,7 +569,7 @@ impl Scores {
 /// RESAMPLED_BLUR_GAIN_DB on a resampled pair, where what blurs gain below that is the two shots'
 /// sampling and the warp, not the edit), and each costlier set as much again over the one kept
 /// before it: G's blurs (free at apply), then the sigma-12 blur (a quarter-resolution pass), then
-/// sigma 1 and 2.5 (two full-resolution blurs per channel, up to 1.5x G alone).
+/// sigma 1 or sigma 2.5 (a full-resolution blur per channel), then both (up to 1.5x G alone).
 fn earned_blurs(
     scores: Scores,
     folds: &[(Normal, Normal)],
@@ -593,7 +593,14 @@ fn earned_blurs(
     if g < min_gain {
         return none;
     }
-    let cheaper = [bank::SCALES_FOLDED, bank::SCALES_FOLDED | bank::SCALES_WIDE].map(with);
+    let wide = bank::SCALES_FOLDED | bank::SCALES_WIDE;
+    let cheaper = [
+        bank::SCALES_FOLDED,
+        wide,
+        wide | bank::SCALES_FINE,
+        wide | bank::SCALES_MID,
+    ]
+    .map(with);
     let mut kept = none;
     for next in cheaper.into_iter().chain([scores]) {
         let g = gain_db(best(&kept), best(&next));
