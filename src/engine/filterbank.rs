@@ -122,9 +122,9 @@ pub trait TileAdd: Sync {
 
 /// Adds gaussians of the three planes `srcs` to the three planes `outs` without keeping them:
 /// `outs[c] += sum_ch weights[c][ch][0] * short(srcs[ch]) + weights[c][ch][1] * long(srcs[ch])`,
-/// then `then`'s terms, tile by tile. An empty `short` is not computed (its weights must be 0). As [`blur_into`], but each tile's blurred rows live in a
-/// tile-sized buffer, so no plane is written and read back (the residual stage's own blurs,
-/// bank.rs).
+/// then `then`'s terms, tile by tile. An empty `short` is not computed (its weights must be 0).
+/// As [`blur_into`], but each tile's blurred rows live in a tile-sized buffer, so no plane is
+/// written and read back (the residual stage's own blurs, bank.rs).
 #[allow(
     clippy::too_many_arguments,
     reason = "blur_into's arguments, the weights and what follows them"
