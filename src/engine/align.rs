@@ -24,6 +24,7 @@
 //! 25 to 30 ms on one core of the development machine.
 
 use super::filterbank::luminance;
+use super::par;
 use crate::{Error, Frame, Result};
 
 /// Largest shift searched, as a fraction of the side (width for dx, height for dy).
@@ -294,8 +295,8 @@ pub fn warp(after: &Frame, sim: &Similarity) -> (Frame, Vec<bool>) {
     let (g, b) = rest.split_at_mut(w * h);
     // the one full-resolution warp of a pair: worth the cores there are
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    par_bands(vec![r, g, b, &mut ok], w, threads, |y0, band| {
-        warper.band(y0, w, band)
+    par::planes([r, g, b, &mut ok], w, threads, |y0, band| {
+        warper.band(y0, w, band.into())
     });
     for v in &mut out.data {
         *v = v.clamp(0.0, 1.0);
@@ -494,7 +495,10 @@ impl<const N: usize> Warper<'_, N> {
         after: usize,
         sample: impl Fn(&[&[f32]; N], usize, usize, f32, f32) -> [f32; N],
     ) {
-        let Some(ok) = band.pop() else { return };
+        // `par::planes` hands over a frame with no rows once, as one empty band
+        let Some(ok) = band.pop().filter(|_| w > 0) else {
+            return;
+        };
         let Ok(mut vals) = <[&mut [f32]; N]>::try_from(band) else {
             return;
         };
@@ -541,36 +545,6 @@ fn taps(block: &[f32], sw: usize, wx: &[f32; 6], wy: &[f32; 6]) -> f32 {
     wy.iter().enumerate().map(|(j, w)| w * row(j)).sum()
 }
 
-/// Runs `f(first_row, bands)` on row bands of same-sized planes (`w` values a row) on up to
-/// `threads` scoped threads.
-fn par_bands<F>(planes: Vec<&mut [f32]>, w: usize, threads: usize, f: F)
-where
-    F: Fn(usize, Vec<&mut [f32]>) + Sync,
-{
-    let rows = planes.first().map_or(0, |p| p.len() / w.max(1));
-    if rows == 0 {
-        return;
-    }
-    let threads = threads.clamp(1, rows);
-    let band = rows.div_ceil(threads);
-    let mut chunks: Vec<_> = planes.into_iter().map(|p| p.chunks_mut(band * w)).collect();
-    let mut next = || -> Option<Vec<&mut [f32]>> { chunks.iter_mut().map(|c| c.next()).collect() };
-    if threads == 1 {
-        if let Some(all) = next() {
-            f(0, all);
-        }
-        return;
-    }
-    std::thread::scope(|s| {
-        let mut i = 0;
-        while let Some(b) = next() {
-            let f = &f;
-            s.spawn(move || f(i * band, b));
-            i += 1;
-        }
-    });
-}
-
 /// `f` over `items` on up to `threads` scoped threads, results in order; an error when a
 /// thread crashed (its share of the results is missing).
 fn par_map<T: Sync, R: Send>(
@@ -584,15 +558,23 @@ fn par_map<T: Sync, R: Send>(
     }
     let per = items.len().div_ceil(threads);
     // every thread joined before any result is read, so none is left for the scope to re-raise
+    let (first, rest) = items.split_at(per);
     let joined: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = items
+        let handles: Vec<_> = rest
             .chunks(per)
             .map(|c| {
                 let f = &f;
                 s.spawn(move || c.iter().map(f).collect::<Vec<R>>())
             })
             .collect();
-        handles.into_iter().map(|h| h.join()).collect()
+        // the calling thread maps the first chunk rather than wait: one thread fewer to start;
+        // a panic there is caught as a worker's would be, so every case gives the same error
+        let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            first.iter().map(&f).collect::<Vec<R>>()
+        }));
+        std::iter::once(mine)
+            .chain(handles.into_iter().map(|h| h.join()))
+            .collect()
     });
     let mut out = Vec::with_capacity(items.len());
     for part in joined {
@@ -794,8 +776,8 @@ fn warp_level(lv: &Level, m: Affine, threads: usize) -> Moving {
         m,
         cubic: false,
     };
-    par_bands(vec![&mut v, &mut ok], w, threads, |y0, band| {
-        warper.band(y0, w, band)
+    par::planes([&mut v, &mut ok], w, threads, |y0, band| {
+        warper.band(y0, w, band.into())
     });
     Moving { v, ok }
 }
@@ -1350,6 +1332,22 @@ fn fit_similarity(pairs: &[Pair], keep: &[bool], (w, h): (usize, usize)) -> Opti
 mod tests {
     use super::*;
     use std::f64::consts::TAU;
+
+    #[test]
+    fn an_empty_frame_warps_to_an_empty_frame() {
+        // a turn is no integer shift, so each of these goes through the banded warp
+        let sim = Similarity {
+            angle_deg: 3.0,
+            ..Similarity::IDENTITY
+        };
+        for (w, h) in [(0, 4), (4, 0), (0, 0)] {
+            let (out, ok) = warp(&Frame::zeros(w, h), &sim);
+            assert_eq!(
+                (out.width, out.height, out.data.len(), ok.len()),
+                (w, h, 0, 0)
+            );
+        }
+    }
 
     /// A fixed-seed LCG, for reproducible scenes.
     struct Lcg(u64);
