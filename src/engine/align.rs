@@ -341,6 +341,33 @@ pub fn mask_clipped(after: &Frame, sim: &Similarity, mask: &mut [bool]) {
     }
 }
 
+/// Clears `mask` (`warp`'s, on `before`'s grid) within `reach` px of a frame edge of either
+/// shot, unless the two shots' edges run together there. A spatial edit (a blur, a sharpen)
+/// made each shot's pixels near its own edge from padding: where the part moved, A' near its
+/// edge shows padding that A's features there do not see, and A near its edge has padded
+/// features where A' saw the scene. Fitted, those bands teach the template an edit that is
+/// neither (a moved sigma 2.6 blur lost 10 dB on B to them, eval_cli.py's moved set, even
+/// with a whole-pixel shift). Where an edge of A' lies on the same edge of A (an aligned pair,
+/// or the sides a shift runs along), both shots padded alike, as B and its result will be.
+pub fn mask_frame_edges(sim: &Similarity, (w, h): (usize, usize), reach: f64, mask: &mut [bool]) {
+    if mask.len() != w * h || w == 0 {
+        return;
+    }
+    let m = sim.matrix(w, h);
+    let (xmax, ymax) = ((w - 1) as f64, (h - 1) as f64);
+    // distances to the left, top, right and bottom edges
+    let dist = |x: f64, y: f64| [x, y, xmax - x, ymax - y];
+    for (i, keep) in mask.iter_mut().enumerate().filter(|(_, k)| **k) {
+        let (x, y) = ((i % w) as f64, (i / w) as f64);
+        let (sx, sy) = (m[0] * x + m[1] * y + m[2], m[3] * x + m[4] * y + m[5]);
+        let (da, db) = (dist(x, y), dist(sx, sy));
+        *keep = da
+            .iter()
+            .zip(db)
+            .all(|(&a, b)| (a >= reach && b >= reach) || (a - b).abs() < 0.5);
+    }
+}
+
 fn is_clipped(v: f32) -> bool {
     !(CLIP_MARGIN..=1.0 - CLIP_MARGIN).contains(&v)
 }
@@ -1332,6 +1359,44 @@ fn fit_similarity(pairs: &[Pair], keep: &[bool], (w, h): (usize, usize)) -> Opti
 mod tests {
     use super::*;
     use std::f64::consts::TAU;
+
+    #[test]
+    fn a_moved_pair_leaves_out_the_bands_its_edges_padded() {
+        let (w, h, reach) = (40, 30, 4.0);
+        let masked = |sim: Similarity| {
+            let mut mask = vec![true; w * h];
+            mask_frame_edges(&sim, (w, h), reach, &mut mask);
+            mask
+        };
+        // aligned: both shots padded alike at every edge, so nothing is left out
+        assert!(masked(Similarity::IDENTITY).iter().all(|&k| k));
+        // a shift along x: the top and bottom edges run together, the left and right do not
+        let shifted = masked(Similarity {
+            dx: 6.0,
+            ..Similarity::IDENTITY
+        });
+        let at = |m: &[bool], x: usize, y: usize| m[y * w + x];
+        assert!(at(&shifted, 20, 0) && at(&shifted, 20, h - 1));
+        assert!(!at(&shifted, 3, 15) && at(&shifted, 4, 15));
+        // A' ends 6 px before A's right edge: its last 4 px are within reach of A''s edge
+        assert!(!at(&shifted, w - 7, 15) && at(&shifted, w - 11, 15));
+        // a turn about the centre: the edges part away from where they cross A's (the middle of
+        // each side, where they run within half a pixel), and the middle of the frame is kept
+        let turned = masked(Similarity {
+            angle_deg: 3.0,
+            ..Similarity::IDENTITY
+        });
+        assert!(at(&turned, 20, 15));
+        assert!(
+            [(36, 0), (3, h - 1), (0, 3), (w - 1, 26), (36, 2)]
+                .iter()
+                .all(|&(x, y)| !at(&turned, x, y))
+        );
+        // a mask already cleared stays cleared
+        let mut mask = vec![false; w * h];
+        mask_frame_edges(&Similarity::IDENTITY, (w, h), reach, &mut mask);
+        assert!(mask.iter().all(|&k| !k));
+    }
 
     #[test]
     fn an_empty_frame_warps_to_an_empty_frame() {

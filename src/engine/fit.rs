@@ -114,6 +114,14 @@ pub struct Scored {
     scores: Scores,
 }
 
+impl Scored {
+    /// Whether the blur features earned their place ([`earned_blurs`]), so the selection may
+    /// keep them.
+    pub fn earns_blurs(&self) -> bool {
+        self.scores.cols.blurs != 0
+    }
+}
+
 /// Base of the fit: what the closed-form parts correct.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Base {
@@ -209,6 +217,26 @@ fn stride(w: usize, h: usize) -> usize {
 impl Accumulator {
     pub fn pairs(&self) -> usize {
         self.tiles.len() / (TILES * TILES)
+    }
+
+    /// Samples added, over every pair.
+    pub fn samples(&self) -> usize {
+        self.tiles.iter().map(|t| t.n).sum()
+    }
+
+    /// The sums of `self` and `other`, which hold other pixels of the same pairs, added in
+    /// the same order: as if each pair had been added once with both masks.
+    pub fn merged(&self, other: &Accumulator) -> Accumulator {
+        let add = |a: &[Normal], b: &[Normal]| {
+            a.iter().zip(b).map(|(a, b)| Normal::sum([a, b])).collect()
+        };
+        debug_assert_eq!(self.pairs(), other.pairs());
+        Accumulator {
+            tiles: add(&self.tiles, &other.tiles),
+            hues: add(&self.hues, &other.hues),
+            moved: self.moved || other.moved,
+            resampled: self.resampled || other.resampled,
+        }
     }
 
     /// Adds one pair; the top and bottom halves of the tile grid accumulate on two threads.

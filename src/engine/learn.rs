@@ -13,6 +13,38 @@ use crate::{Error, Frame, Result};
 
 /// Quantiles per channel that stand for a colour distribution.
 const QUANTILES: usize = 33;
+/// How far from a frame edge a pair's pixels are left out of the fit where the part moved
+/// ([`align::mask_frame_edges`]): the reach of the bank's sigma 2.5 blur (3 sigma, rounded up),
+/// at most an eighth of the shorter side on a small pair.
+const EDGE_REACH_PX: f64 = 8.0;
+
+/// One direction's fit sums, apart: the pixels away from where the part moved past a frame
+/// edge, and the bands near those edges ([`align::mask_frame_edges`]; empty on an aligned pair).
+#[derive(Default)]
+struct Sides {
+    inner: fit::Accumulator,
+    band: fit::Accumulator,
+}
+
+impl Sides {
+    /// The scores to select from, and the sums they came from. The blur features are judged
+    /// on the inner pixels alone: where those earn them, the fit keeps to the inner pixels, as
+    /// the bands would teach it a blur the edit did not make (a moved blur 7 dB, eval_cli.py's
+    /// moved set). Otherwise every pixel counts: a colour edit loses nothing in the bands, and
+    /// its rarer colours may lie there (a moved selective-colour edit lost 6 dB without them).
+    fn scores(self) -> (fit::Accumulator, Option<fit::Scored>) {
+        if self.band.samples() == 0 {
+            let s = self.inner.scores();
+            return (self.inner, s);
+        }
+        if let Some(s) = self.inner.scores().filter(fit::Scored::earns_blurs) {
+            return (self.inner, Some(s));
+        }
+        let all = self.inner.merged(&self.band);
+        let s = all.scores();
+        (all, s)
+    }
+}
 
 /// How `learn` builds a template; the defaults are the product's, the rest are for ablation.
 #[derive(Clone, Copy, Debug)]
@@ -66,7 +98,7 @@ impl Engine {
         let hyper = self.hypernet_template(pairs)?;
         lap("hypernetwork");
         let undo: Vec<f32> = hyper.iter().map(|v| -v).collect();
-        let (mut fwd, mut rev) = (fit::Accumulator::default(), fit::Accumulator::default());
+        let (mut fwd, mut rev) = (Sides::default(), Sides::default());
         let mut regs = Vec::with_capacity(pairs.len());
         for (a, a2) in pairs {
             let reg = align::register(a, a2, self.threads)?;
@@ -79,8 +111,11 @@ impl Engine {
             regs.push(reg);
         }
         // the two directions are scored side by side; the undo then takes the edit's base
-        let (sf, scored_r) = std::thread::scope(|sc| {
-            let h = sc.spawn(|| fwd.select(opts.prior));
+        let (sf, (rev, scored_r)) = std::thread::scope(|sc| {
+            let h = sc.spawn(move || {
+                let (acc, scored) = fwd.scores();
+                scored.map(|s| acc.select_from(s, BaseRule::Choose(opts.prior)))
+            });
             let scored_r = rev.scores();
             (h.join(), scored_r)
         });
@@ -178,7 +213,7 @@ impl Engine {
     /// G(delta, src) as the hypernetwork base.
     fn accumulate(
         &self,
-        acc: &mut fit::Accumulator,
+        acc: &mut Sides,
         src: &Frame,
         dst: &Frame,
         sim: &Similarity,
@@ -186,19 +221,25 @@ impl Engine {
     ) -> Result<()> {
         let (target, mut mask) = align::warp(dst, sim);
         align::mask_clipped(dst, sim, &mut mask);
+        let mut inner = mask.clone();
+        let reach = EDGE_REACH_PX.min(src.width.min(src.height) as f64 / 8.0);
+        align::mask_frame_edges(sim, (src.width, src.height), reach, &mut inner);
+        let band: Vec<bool> = mask.iter().zip(&inner).map(|(&m, &i)| m && !i).collect();
         let blurs = filterbank::blurs(src, self.threads);
         let planes = bank::planes(src, self.threads);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
         let pred = slice::apply(src, &blurs, &grid, self.threads);
-        acc.add_pair(&fit::PairData {
-            src,
-            blurs: &blurs,
-            planes: &planes,
-            pred: &pred,
-            target: &target,
-            mask: &mask,
-            sim,
-        });
+        for (acc, mask) in [(&mut acc.inner, &inner), (&mut acc.band, &band)] {
+            acc.add_pair(&fit::PairData {
+                src,
+                blurs: &blurs,
+                planes: &planes,
+                pred: &pred,
+                target: &target,
+                mask,
+                sim,
+            });
+        }
         Ok(())
     }
 
