@@ -219,12 +219,13 @@ impl Engine {
         sim: &Similarity,
         delta: &[f32],
     ) -> Result<()> {
-        let (target, mut mask) = align::warp(dst, sim);
-        align::mask_clipped(dst, sim, &mut mask);
-        let mut inner = mask.clone();
+        let (target, mut inner) = align::warp(dst, sim);
+        align::mask_clipped(dst, sim, &mut inner);
+        // the band is what the edges take from the mask, which becomes the inner pixels
+        let mut band = inner.clone();
         let reach = EDGE_REACH_PX.min(src.width.min(src.height) as f64 / 8.0);
         align::mask_frame_edges(sim, (src.width, src.height), reach, &mut inner);
-        let band: Vec<bool> = mask.iter().zip(&inner).map(|(&m, &i)| m && !i).collect();
+        band.iter_mut().zip(&inner).for_each(|(b, &i)| *b &= !i);
         let blurs = filterbank::blurs(src, self.threads);
         let planes = bank::planes(src, self.threads);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
