@@ -224,6 +224,13 @@ impl Accumulator {
         self.tiles.iter().map(|t| t.n).sum()
     }
 
+    /// A pair with no samples, so that sums kept apart stay pair for pair ([`Self::merged`]).
+    pub fn add_empty_pair(&mut self) {
+        self.tiles
+            .extend((0..TILES * TILES).map(|_| Normal::zeros()));
+        self.hues.extend((0..HUE_CLASSES).map(|_| Normal::zeros()));
+    }
+
     /// The sums of `self` and `other`, which hold other pixels of the same pairs, added in
     /// the same order: as if each pair had been added once with both masks.
     pub fn merged(&self, other: &Accumulator) -> Accumulator {

@@ -27,12 +27,30 @@ struct Sides {
 }
 
 impl Sides {
+    /// Adds one pair: its inner pixels, and its bands where it has any. An aligned pair has
+    /// none, and summing nothing would cost as much as summing (every cell's sums are zeroed
+    /// and added up), so the bands get a pair only once some pair has them.
+    fn add_pair(&mut self, d: &fit::PairData, band: &[bool]) {
+        self.inner.add_pair(d);
+        if band.contains(&true) {
+            self.pad_band(self.inner.pairs() - 1);
+            self.band.add_pair(&fit::PairData { mask: band, ..*d });
+        }
+    }
+
+    /// Empty pairs in the bands' sums up to `pairs`, where the pairs before had no band.
+    fn pad_band(&mut self, pairs: usize) {
+        while self.band.pairs() < pairs {
+            self.band.add_empty_pair();
+        }
+    }
+
     /// The scores to select from, and the sums they came from. The blur features are judged
     /// on the inner pixels alone: where those earn them, the fit keeps to the inner pixels, as
     /// the bands would teach it a blur the edit did not make (a moved blur 7 dB, eval_cli.py's
     /// moved set). Otherwise every pixel counts: a colour edit loses nothing in the bands, and
     /// its rarer colours may lie there (a moved selective-colour edit lost 6 dB without them).
-    fn scores(self) -> (fit::Accumulator, Option<fit::Scored>) {
+    fn scores(mut self) -> (fit::Accumulator, Option<fit::Scored>) {
         if self.band.samples() == 0 {
             let s = self.inner.scores();
             return (self.inner, s);
@@ -40,6 +58,7 @@ impl Sides {
         if let Some(s) = self.inner.scores().filter(fit::Scored::earns_blurs) {
             return (self.inner, Some(s));
         }
+        self.pad_band(self.inner.pairs());
         let all = self.inner.merged(&self.band);
         let s = all.scores();
         (all, s)
@@ -230,17 +249,16 @@ impl Engine {
         let planes = bank::planes(src, self.threads);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
         let pred = slice::apply(src, &blurs, &grid, self.threads);
-        for (acc, mask) in [(&mut acc.inner, &inner), (&mut acc.band, &band)] {
-            acc.add_pair(&fit::PairData {
-                src,
-                blurs: &blurs,
-                planes: &planes,
-                pred: &pred,
-                target: &target,
-                mask,
-                sim,
-            });
-        }
+        let pair = fit::PairData {
+            src,
+            blurs: &blurs,
+            planes: &planes,
+            pred: &pred,
+            target: &target,
+            mask: &inner,
+            sim,
+        };
+        acc.add_pair(&pair, &band);
         Ok(())
     }
 
