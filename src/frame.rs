@@ -32,6 +32,14 @@ impl Frame {
         &mut self.data[c * n..(c + 1) * n]
     }
 
+    /// The three planes at once, for passes that write them side by side.
+    pub fn planes_mut(&mut self) -> [&mut [f32]; 3] {
+        let n = self.width * self.height;
+        let (r, gb) = self.data.split_at_mut(n);
+        let (g, b) = gb.split_at_mut(n);
+        [r, g, &mut b[..n]]
+    }
+
     pub fn from_rgb8(width: usize, height: usize, rgb: &[u8]) -> Self {
         Frame::from_interleaved(width, height, rgb, 3)
     }

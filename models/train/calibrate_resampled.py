@@ -29,7 +29,10 @@ import eval_cli as ec  # noqa: E402
 
 COLOUR = ["exposure_wb", "gamma", "scurve", "lift_gain", "saturation", "vibrance", "hue_rotate",
           "sepia", "mono_tint", "channel_mix", "split_tone", "selective_colour"]
-GAIN = re.compile(r"blur features gain (-?[0-9.]+) dB on a resampled pair")
+# fit.rs logs every blur gain with the bar it must clear; a resampled pair's bar is the constant
+# (RESAMPLED_BLUR_GAIN_DB), above the aligned pairs' MIN_PART_GAIN_DB (0.5)
+GAIN = re.compile(r"blur features gain (-?[0-9.]+) dB \(kept from ([0-9.]+) dB\)")
+MIN_PART_GAIN_DB = 0.5
 
 
 def gains(bin_path, a, a2m):
@@ -41,7 +44,7 @@ def gains(bin_path, a, a2m):
         r = subprocess.run([bin_path, "--models", models, "learn", "--store", os.path.join(d, "s"),
                             "--before", os.path.join(d, "a.png"), "--after", os.path.join(d, "a2.png"),
                             "--name", "t"], capture_output=True, text=True, env=env)
-        return [float(g) for g in GAIN.findall(r.stdout + r.stderr)]
+        return [float(g) for g, bar in GAIN.findall(r.stdout + r.stderr) if float(bar) > MIN_PART_GAIN_DB]
 
 
 def main():

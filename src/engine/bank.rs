@@ -299,10 +299,7 @@ pub fn apply(out: &mut Frame, src: &Frame, w: &[f32], threads: usize) {
         return;
     }
     let (width, height) = (src.width, src.height);
-    let n = width * height;
-    let (o0, rest) = out.data.split_at_mut(n);
-    let (o1, o2) = rest.split_at_mut(n);
-    let outs = [o0, o1, &mut o2[..n]];
+    let outs = out.planes_mut();
     let planes = if uses(w, WIDE..WIDE + 3) {
         Planes::wide_only(src, threads)
     } else {

@@ -239,6 +239,10 @@ impl Engine {
         delta: &[f32],
     ) -> Result<()> {
         let (target, mut inner) = align::warp(dst, sim);
+        // A low-passed as the warp low-passed A' (align::match_resampling); the features and
+        // G's prediction all read it
+        let matched = align::match_resampling(src, sim, self.threads);
+        let src = matched.as_ref().unwrap_or(src);
         align::mask_clipped(dst, sim, &mut inner);
         // the band is what the edges take from the mask, which becomes the inner pixels
         let mut band = inner.clone();
