@@ -16,6 +16,7 @@ use std::time::Instant;
 use crate::apply::Job;
 use crate::capture::load_image;
 use crate::config::Config;
+use crate::engine::align::{self, Similarity};
 use crate::engine::{Edit, Engine, Learned, Precision, bank, filterbank, slice};
 use crate::store::{Template, TemplateName};
 use crate::{Error, Frame, Result};
@@ -169,6 +170,17 @@ fn learn_figures(float: &Engine, s: &Samples, iters: usize) -> Result<()> {
     let vga = [(s.before.resized(640, 480), s.after.resized(640, 480))];
     let learn_vga = time_ms(iters, || float.learn(&vga))?;
     println!("learn (one 640x480 pair, float): {learn_vga:.1} ms");
+    // the part turned and scaled in the after shot: registration resamples it, and the before
+    // shot is low-passed to match (what a whole-pixel shift skips)
+    let turn = Similarity {
+        dx: 12.0,
+        dy: -8.0,
+        angle_deg: 3.0,
+        scale: 1.04,
+    };
+    let turned = [(vga[0].0.clone(), align::warp(&vga[0].1, &turn).0)];
+    let learn_turned = time_ms(iters, || float.learn(&turned))?;
+    println!("learn (one 640x480 pair turned 3 deg, scaled x1.04, float): {learn_turned:.1} ms");
     Ok(())
 }
 

@@ -93,9 +93,14 @@ pub fn uses(w: &[f32], range: std::ops::Range<usize>) -> bool {
 
 /// The residual stage's own blurs of `f` at every scale, as learn's fit reads them.
 pub fn planes(f: &Frame, threads: usize) -> Planes {
+    planes_scaled(f, threads, 1.0)
+}
+
+/// [`planes`] with every sigma times `k` (as `filterbank::blurs_scaled`).
+pub fn planes_scaled(f: &Frame, threads: usize, k: f32) -> Planes {
     let mut p = Planes::none();
     let (w, h) = (f.width, f.height);
-    let (k1, k2) = (gauss_kernel(SIGMA_FINE), gauss_kernel(SIGMA_MID));
+    let (k1, k2) = (gauss_kernel(SIGMA_FINE * k), gauss_kernel(SIGMA_MID * k));
     // fresh pages: only learn's fit reads these, once per pair, so they do not join G's pool
     p.full = std::array::from_fn(|_| vec![0.0f32; w * h]);
     let srcs = [f.plane(0), f.plane(1), f.plane(2)];
@@ -108,7 +113,7 @@ pub fn planes(f: &Frame, threads: usize) -> Planes {
         p.full.each_mut().map(|v| v.as_mut_slice()),
         threads,
     );
-    p.add_wide(f, threads);
+    p.add_wide(f, threads, k);
     p
 }
 
@@ -125,14 +130,14 @@ impl Planes {
     /// The sigma-12 blurs alone: all `apply` keeps of these planes.
     fn wide_only(f: &Frame, threads: usize) -> Self {
         let mut p = Planes::none();
-        p.add_wide(f, threads);
+        p.add_wide(f, threads, 1.0);
         p
     }
 
     /// The sigma-12 blurs of `f`'s channels, at quarter resolution: the three channels in one
     /// pass of the engine's threads each, not one per channel (the passes on these small planes
     /// cost more to start than to run at 640x480).
-    fn add_wide(&mut self, f: &Frame, threads: usize) {
+    fn add_wide(&mut self, f: &Frame, threads: usize, k: f32) {
         let (w, h) = (f.width, f.height);
         let (ws, hs) = (w.div_ceil(WIDE_STEP), h.div_ceil(WIDE_STEP));
         let mut small: [Vec<f32>; 3] = std::array::from_fn(|_| vec![0.0f32; ws * hs]);
@@ -146,7 +151,7 @@ impl Planes {
                 }
             },
         );
-        let k = gauss_kernel(SIGMA_WIDE / WIDE_STEP as f32);
+        let k = gauss_kernel(SIGMA_WIDE * k / WIDE_STEP as f32);
         self.wide = std::array::from_fn(|_| vec![0.0f32; ws * hs]);
         let srcs = small.each_ref().map(|v| v.as_slice());
         let outs = self.wide.each_mut().map(|v| v.as_mut_slice());

@@ -69,8 +69,15 @@ fn planes_of(n: usize) -> [[Vec<f32>; 3]; 2] {
 }
 
 pub fn blurs(f: &Frame, threads: usize) -> Blurs {
+    blurs_scaled(f, threads, 1.0)
+}
+
+/// [`blurs`] with every sigma times `k`: what learn reads where the after shot's pixels are
+/// `k` of the frame's (a spatial edit is measured in the after shot's pixels, as its apply
+/// will be in the capture's).
+pub fn blurs_scaled(f: &Frame, threads: usize, k: f32) -> Blurs {
     const { assert!(SIGMAS[0] < SIGMAS[1]) };
-    let (short, long) = (gauss_kernel(SIGMAS[0]), gauss_kernel(SIGMAS[1]));
+    let (short, long) = (gauss_kernel(SIGMAS[0] * k), gauss_kernel(SIGMAS[1] * k));
     let n = f.width * f.height;
     let mut planes = planes_of(n);
     let [[s0, s1, s2], [l0, l1, l2]] = &mut planes;

@@ -123,8 +123,12 @@ impl Engine {
             let reg = align::register(a, a2, self.threads)?;
             lap("register");
             if reg.registered && opts.closed_form {
-                self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper)?;
-                self.accumulate(&mut rev, a2, a, &reg.sim.inverse(), &undo)?;
+                // a spatial edit is measured in the after shot's pixels, as the captures it
+                // applies to are shot and as the position terms may be: the edit's blurs read
+                // A at sigma / scale (its undo reads A' itself)
+                let k = (1.0 / reg.sim.scale) as f32;
+                self.accumulate(&mut fwd, a, a2, &reg.sim, &hyper, k)?;
+                self.accumulate(&mut rev, a2, a, &reg.sim.inverse(), &undo, 1.0)?;
                 lap("fit accumulate");
             }
             regs.push(reg);
@@ -229,7 +233,8 @@ impl Engine {
     }
 
     /// Adds the pair `src -> dst` (dst registered onto src by `sim`) to `acc`, with
-    /// G(delta, src) as the hypernetwork base.
+    /// G(delta, src) as the hypernetwork base; src's blur features at their sigmas times
+    /// `sigma_k`.
     fn accumulate(
         &self,
         acc: &mut Sides,
@@ -237,6 +242,7 @@ impl Engine {
         dst: &Frame,
         sim: &Similarity,
         delta: &[f32],
+        sigma_k: f32,
     ) -> Result<()> {
         let (target, mut inner) = align::warp(dst, sim);
         // A low-passed as the warp low-passed A' (align::match_resampling); the features and
@@ -249,8 +255,8 @@ impl Engine {
         let reach = EDGE_REACH_PX.min(src.width.min(src.height) as f64 / 8.0);
         align::mask_frame_edges(sim, (src.width, src.height), reach, &mut inner);
         band.iter_mut().zip(&inner).for_each(|(b, &i)| *b &= !i);
-        let blurs = filterbank::blurs(src, self.threads);
-        let planes = bank::planes(src, self.threads);
+        let blurs = filterbank::blurs_scaled(src, self.threads, sigma_k);
+        let planes = bank::planes_scaled(src, self.threads, sigma_k);
         let grid = self.grid(delta, &filterbank::thumbnail(src))?;
         let pred = slice::apply(src, &blurs, &grid, self.threads);
         let pair = fit::PairData {
