@@ -34,7 +34,9 @@ pub struct Engine {
 /// Peak memory of the engine's work on w x h frames, as measured with `/usr/bin/time -v` on the
 /// release binary (learn of one pair: 289 MB at 1920x1080, 1,049 MB at 3840x2160; apply: 170
 /// and 553 MB): a base of models and code, plus bytes per pixel for the frames, blurs, planes
-/// and warps; each further pair of a learn holds two more f32 frames.
+/// and warps; each further pair of a learn holds two more f32 frames. A turned pair, whose
+/// before shot is also low-passed to match the warp (session 20), peaked at 393 MB at 2.9 MP
+/// (1976x1480) against 399 estimated, an aligned one at 383.
 const BASE_MB: f64 = 42.0;
 const LEARN_BYTES_PER_PX: f64 = 122.0;
 const PAIR_BYTES_PER_PX: f64 = 24.0;
