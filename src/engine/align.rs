@@ -330,12 +330,14 @@ pub fn match_resampling(before: &Frame, sim: &Similarity, threads: usize) -> Opt
     };
     let pass = |src: &Frame, axis: usize| {
         let mut out = Frame::zeros(w, h);
-        par::planes(out.planes_mut(), w, threads, |y0, band| {
-            for (c, band) in band.into_iter().enumerate() {
-                let p = src.plane(c);
-                for (i, o) in band.iter_mut().enumerate() {
-                    let (x, y) = (i % w, y0 + i / w);
-                    *o = symmetric_taps(kernel(x, y, axis), |d| match axis {
+        par::planes(out.planes_mut(), w, threads, |y0, mut band| {
+            for i in 0..band[0].len() {
+                let (x, y) = (i % w, y0 + i / w);
+                // one kernel per pixel, for all three planes
+                let g = kernel(x, y, axis);
+                for (c, band) in band.iter_mut().enumerate() {
+                    let p = src.plane(c);
+                    band[i] = symmetric_taps(g, |d| match axis {
                         0 => p[y * w + x.saturating_add_signed(d).min(w - 1)],
                         _ => p[y.saturating_add_signed(d).min(h - 1) * w + x],
                     });

@@ -96,7 +96,8 @@ pub fn planes(f: &Frame, threads: usize) -> Planes {
     planes_scaled(f, threads, 1.0)
 }
 
-/// [`planes`] with every sigma times `k` (as `filterbank::blurs_scaled`).
+/// [`planes`] with every sigma times `k` (as `filterbank::blurs_scaled`); the sigma-12 blur
+/// scales its quarter-resolution gaussian, not the 4x4 block means before it.
 pub fn planes_scaled(f: &Frame, threads: usize, k: f32) -> Planes {
     let mut p = Planes::none();
     let (w, h) = (f.width, f.height);
