@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use takumi::Error;
 use takumi::capture::load_for_learn;
 use takumi::config::Config;
-use takumi::engine::{Engine, LearnOptions, Precision, Prior};
+use takumi::engine::{Engine, LearnOptions, Precision, Prior, card};
 use takumi::publish::file::ImageKind;
 use takumi::store::{Template, TemplateName, TemplateStore};
 
@@ -236,6 +236,15 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// A card ratio in `learn`'s one-line summary: `x1.23`, or `n/a` where the pair cannot measure it.
+fn short_ratio(v: f32) -> String {
+    if v == card::NOT_MEASURED {
+        "n/a".into()
+    } else {
+        format!("x{v:.2}")
+    }
+}
+
 fn engine(cfg: &Config) -> anyhow::Result<Engine> {
     Ok(
         Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?
@@ -270,13 +279,13 @@ fn learn(
     store.save(&t)?;
     let c = &t.card;
     println!(
-        "learned {name} from {} pair(s) in {ms:.0} ms: {}; exposure {:+.2} EV, contrast x{:.2}, saturation x{:.2}, sharpness x{:.2}",
+        "learned {name} from {} pair(s) in {ms:.0} ms: {}; exposure {:+.2} EV, contrast {}, saturation {}, sharpness {}",
         c.pairs,
         c.validation_summary(),
         c.exposure_ev,
-        c.contrast,
-        c.saturation,
-        c.sharpness
+        short_ratio(c.contrast),
+        short_ratio(c.saturation),
+        short_ratio(c.sharpness)
     );
     for (i, s) in t.sources.iter().enumerate() {
         if s.downscaled_from.is_some() {
@@ -495,9 +504,9 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                 "white bal.   R/G {:+.3}, B/G {:+.3} (log2)",
                 c.wb_shift[0], c.wb_shift[1]
             );
-            println!("contrast     x{:.3}", c.contrast);
-            println!("saturation   x{:.3}", c.saturation);
-            println!("sharpness    x{:.3}", c.sharpness);
+            println!("contrast     {}", card::ratio_text(c.contrast));
+            println!("saturation   {}", card::ratio_text(c.saturation));
+            println!("sharpness    {}", card::ratio_text(c.sharpness));
             println!(
                 "self-PSNR    {:.2} dB (G(template, before) against after)",
                 c.self_psnr_db

@@ -11,6 +11,7 @@ use crate::Frame;
 pub struct Card {
     pub exposure_ev: f32,
     pub wb_shift: [f32; 2],
+    /// After-to-before ratios; [`NOT_MEASURED`] (0) where the before shot has none of it.
     pub contrast: f32,
     pub saturation: f32,
     pub sharpness: f32,
@@ -190,6 +191,42 @@ fn ratio(a: f64, b: f64) -> f64 {
     (a.max(1e-6) / b.max(1e-6)).clamp(1e-3, 1e3)
 }
 
+/// Less than one 8-bit level on average: a before shot with less contrast or colour than this
+/// says nothing of how the edit scales it (a grey before shot printed "saturation x1000").
+const MEASURABLE: f64 = 1.0 / 255.0;
+
+/// `after / before` as [`ratio`], or [`NOT_MEASURED`] where the before shot has less than
+/// `floor` of the quantity.
+fn ratio_of(after: f64, before: f64, floor: f64) -> f32 {
+    if before < floor {
+        NOT_MEASURED
+    } else {
+        ratio(after, before) as f32
+    }
+}
+
+/// A card ratio (contrast, saturation, sharpness) the pair cannot measure; real ratios are
+/// clamped to at least 1e-3. 0 like `self_psnr_db`'s "not measured", so stored cards keep
+/// their format.
+pub const NOT_MEASURED: f32 = 0.0;
+
+/// A card ratio as the CLI prints it: `x1.234`, or why it is missing.
+pub fn ratio_text(v: f32) -> String {
+    if v == NOT_MEASURED {
+        "not measured (the before shot has none to scale)".into()
+    } else {
+        format!("x{v:.3}")
+    }
+}
+
+/// The mean of the measured ratios `v` (one per pair), or [`NOT_MEASURED`] with none.
+pub fn mean_measured(v: impl Iterator<Item = f32>) -> f32 {
+    let (sum, n) = v
+        .filter(|&r| r != NOT_MEASURED)
+        .fold((0.0f32, 0usize), |(s, n), r| (s + r, n + 1));
+    if n == 0 { NOT_MEASURED } else { sum / n as f32 }
+}
+
 pub fn change(before: &Stats, after: &Stats) -> Change {
     let lum = |m: &[f64; 3]| 0.2126 * m[0] + 0.7152 * m[1] + 0.0722 * m[2];
     let wb = |m: &[f64; 3], c: usize| ratio(m[c], m[1]).log2();
@@ -199,8 +236,60 @@ pub fn change(before: &Stats, after: &Stats) -> Change {
             (wb(&after.lin_mean, 0) - wb(&before.lin_mean, 0)) as f32,
             (wb(&after.lin_mean, 2) - wb(&before.lin_mean, 2)) as f32,
         ],
-        contrast: ratio(after.lum_std, before.lum_std) as f32,
-        saturation: ratio(after.chroma, before.chroma) as f32,
-        sharpness: ratio(after.detail, before.detail) as f32,
+        contrast: ratio_of(after.lum_std, before.lum_std, MEASURABLE),
+        saturation: ratio_of(after.chroma, before.chroma, MEASURABLE),
+        // detail is a mean difference from a blur: only a flat frame has under 1/16 of a level
+        sharpness: ratio_of(after.detail, before.detail, MEASURABLE / 16.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A textured frame: grey where `tint` is [1, 1, 1], else each channel scaled by it.
+    fn textured(tint: [f32; 3]) -> Frame {
+        let (w, h) = (64, 48);
+        let mut f = Frame::zeros(w, h);
+        for (c, t) in tint.into_iter().enumerate() {
+            for (i, v) in f.plane_mut(c).iter_mut().enumerate() {
+                let (x, y) = (i % w, i / w);
+                *v = (0.2 + 0.6 * (((x * 7 + y * 13) % 17) as f32 / 16.0)) * t;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn a_grey_before_shot_leaves_saturation_unmeasured_not_x1000() {
+        let grey = stats(&textured([1.0; 3]), 1);
+        let tinted = stats(&textured([1.0, 0.9, 0.6]), 1);
+        let c = change(&grey, &tinted);
+        assert_eq!(c.saturation, NOT_MEASURED);
+        assert_eq!(
+            ratio_text(c.saturation),
+            "not measured (the before shot has none to scale)"
+        );
+        // the texture has contrast and detail, so those are measured as before
+        assert!((c.contrast - 0.9).abs() < 0.1, "contrast {}", c.contrast);
+        assert!(
+            c.sharpness > 0.5 && c.sharpness < 1.5,
+            "sharpness {}",
+            c.sharpness
+        );
+        // the other way round, the tint's saturation is measured: it drops to grey
+        let back = change(&tinted, &grey);
+        assert!(
+            back.saturation > 0.0 && back.saturation < 0.01,
+            "{}",
+            back.saturation
+        );
+        assert_eq!(ratio_text(1.25), "x1.250");
+    }
+
+    #[test]
+    fn a_ratio_averages_over_the_pairs_that_measure_it() {
+        assert_eq!(mean_measured([2.0, NOT_MEASURED, 4.0].into_iter()), 3.0);
+        assert_eq!(mean_measured([NOT_MEASURED].into_iter()), NOT_MEASURED);
     }
 }

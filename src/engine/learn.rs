@@ -306,20 +306,26 @@ impl Engine {
         regs: &[Registration],
         prior: Prior,
     ) -> Card {
-        let mut ch = card::Change::default();
+        let changes: Vec<card::Change> = pairs
+            .iter()
+            .map(|(a, a2)| {
+                card::change(
+                    &card::stats(a, self.threads),
+                    &card::stats(a2, self.threads),
+                )
+            })
+            .collect();
         let np = pairs.len() as f32;
-        for (a, a2) in pairs {
-            let c = card::change(
-                &card::stats(a, self.threads),
-                &card::stats(a2, self.threads),
-            );
-            ch.exposure_ev += c.exposure_ev / np;
-            ch.wb_shift[0] += c.wb_shift[0] / np;
-            ch.wb_shift[1] += c.wb_shift[1] / np;
-            ch.contrast += c.contrast / np;
-            ch.saturation += c.saturation / np;
-            ch.sharpness += c.sharpness / np;
-        }
+        let mean = |f: fn(&card::Change) -> f32| changes.iter().map(f).sum::<f32>() / np;
+        // a ratio averages over the pairs that measure it (a grey before shot has no saturation)
+        let ratio = |f: fn(&card::Change) -> f32| card::mean_measured(changes.iter().map(f));
+        let ch = card::Change {
+            exposure_ev: mean(|c| c.exposure_ev),
+            wb_shift: [mean(|c| c.wb_shift[0]), mean(|c| c.wb_shift[1])],
+            contrast: ratio(|c| c.contrast),
+            saturation: ratio(|c| c.saturation),
+            sharpness: ratio(|c| c.sharpness),
+        };
         Card {
             exposure_ev: ch.exposure_ev,
             wb_shift: ch.wb_shift,
