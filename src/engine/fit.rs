@@ -29,8 +29,9 @@ const TONE_P: usize = LBINS * K;
 /// the bank's same scales (`earned_blurs`): kept unchecked, a pair shot half a pixel over with
 /// no edit at all learned a "tone" edit from the two shots' sampling (+0.5 to +0.9 dB on
 /// held-out regions; the capture 53-60 dB from itself after), and a moved dark vignette pair
-/// lost 3 dB on B to it (eval_cli.py's moved set). On a pair not resampled they stay: there they
-/// are the edit's, and held to the rule an aligned vignette took H's base and lost 10 dB.
+/// lost 1.5 of its 3 dB on B to it (eval_cli.py's moved set). On a pair not resampled they stay:
+/// there they are the edit's, and held to the rule there an aligned vignette pair took H's base
+/// and lost 10 dB.
 const TONE_BLURS: [(std::ops::Range<usize>, usize); 2] = [(3..6, 1), (6..9, 3)];
 /// Unknowns per output channel: the tone offset, then the residual stage's weights.
 /// The position terms exist in two frames: where the pixel is in the source frame and where it
@@ -1126,7 +1127,7 @@ mod tests {
         f
     }
 
-    /// Pseudo-random in [0, 1) (splitmix64's finaliser): no pattern a feature could fit.
+    /// Pseudo-random in [0, 1] (splitmix64's finaliser): no pattern a feature could fit.
     fn hash01(i: u64) -> f32 {
         let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
