@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use takumi::Error;
 use takumi::capture::load_for_learn;
 use takumi::config::Config;
-use takumi::engine::{Engine, LearnOptions, Precision, Prior, card};
+use takumi::engine::card::{self, RatioStyle};
+use takumi::engine::{Engine, LearnOptions, Precision, Prior};
 use takumi::publish::file::ImageKind;
 use takumi::store::{Template, TemplateName, TemplateStore};
 
@@ -236,15 +237,6 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// A card ratio in `learn`'s one-line summary: `x1.23`, or `n/a` where the pair cannot measure it.
-fn short_ratio(v: f32) -> String {
-    if v == card::NOT_MEASURED {
-        "n/a".into()
-    } else {
-        format!("x{v:.2}")
-    }
-}
-
 fn engine(cfg: &Config) -> anyhow::Result<Engine> {
     Ok(
         Engine::load(&cfg.engine.models, cfg.engine.precision, cfg.engine.threads)?
@@ -283,9 +275,9 @@ fn learn(
         c.pairs,
         c.validation_summary(),
         c.exposure_ev,
-        short_ratio(c.contrast),
-        short_ratio(c.saturation),
-        short_ratio(c.sharpness)
+        card::ratio_text(c.contrast, RatioStyle::Short),
+        card::ratio_text(c.saturation, RatioStyle::Short),
+        card::ratio_text(c.sharpness, RatioStyle::Short)
     );
     for (i, s) in t.sources.iter().enumerate() {
         if s.downscaled_from.is_some() {
@@ -504,9 +496,14 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                 "white bal.   R/G {:+.3}, B/G {:+.3} (log2)",
                 c.wb_shift[0], c.wb_shift[1]
             );
-            println!("contrast     {}", card::ratio_text(c.contrast));
-            println!("saturation   {}", card::ratio_text(c.saturation));
-            println!("sharpness    {}", card::ratio_text(c.sharpness));
+            let ratios = [
+                ("contrast", c.contrast),
+                ("saturation", c.saturation),
+                ("sharpness", c.sharpness),
+            ];
+            for (what, v) in ratios {
+                println!("{what:<13}{}", card::ratio_text(v, RatioStyle::Full));
+            }
             println!(
                 "self-PSNR    {:.2} dB (G(template, before) against after)",
                 c.self_psnr_db

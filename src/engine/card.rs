@@ -210,12 +210,20 @@ fn ratio_of(after: f64, before: f64, floor: f64) -> f32 {
 /// their format.
 pub const NOT_MEASURED: f32 = 0.0;
 
-/// A card ratio as the CLI prints it: `x1.234`, or why it is missing.
-pub fn ratio_text(v: f32) -> String {
-    if v == NOT_MEASURED {
-        "not measured (the before shot has none to scale)".into()
-    } else {
-        format!("x{v:.3}")
+/// How the CLI prints a card ratio: in full (`templates show`) or short (`learn`'s one line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RatioStyle {
+    Full,
+    Short,
+}
+
+/// A card ratio as the CLI prints it: `x1.234`, or why it is missing; short, `x1.23` or `n/a`.
+pub fn ratio_text(v: f32, style: RatioStyle) -> String {
+    match (v == NOT_MEASURED, style) {
+        (true, RatioStyle::Full) => "not measured (the before shot has none to scale)".into(),
+        (true, RatioStyle::Short) => "n/a".into(),
+        (false, RatioStyle::Full) => format!("x{v:.3}"),
+        (false, RatioStyle::Short) => format!("x{v:.2}"),
     }
 }
 
@@ -267,9 +275,10 @@ mod tests {
         let c = change(&grey, &tinted);
         assert_eq!(c.saturation, NOT_MEASURED);
         assert_eq!(
-            ratio_text(c.saturation),
+            ratio_text(c.saturation, RatioStyle::Full),
             "not measured (the before shot has none to scale)"
         );
+        assert_eq!(ratio_text(c.saturation, RatioStyle::Short), "n/a");
         // the texture has contrast and detail, so those are measured as before
         assert!((c.contrast - 0.9).abs() < 0.1, "contrast {}", c.contrast);
         assert!(
@@ -284,7 +293,8 @@ mod tests {
             "{}",
             back.saturation
         );
-        assert_eq!(ratio_text(1.25), "x1.250");
+        assert_eq!(ratio_text(1.25, RatioStyle::Full), "x1.250");
+        assert_eq!(ratio_text(1.25, RatioStyle::Short), "x1.25");
     }
 
     #[test]
