@@ -72,6 +72,17 @@ pub const fn scale(j: usize) -> usize {
     (j - BLURS.start) / 3
 }
 
+/// The scale (bit of [`Scales`]) of slicing's feature `k` where it is one of G's blurs (sigma
+/// 1.5 or 6), from the features the two share ([`IN_SLICING`]).
+pub fn slicing_blur_scale(k: usize) -> Option<usize> {
+    IN_SLICING
+        .iter()
+        .find(|&&(_, ks)| ks == k)
+        .map(|&(j, _)| j)
+        .filter(|j| BLURS.contains(j))
+        .map(scale)
+}
+
 /// The residual stage's own blurred planes of one frame, as learn's fit reads them per pixel
 /// ([`features`]); apply keeps only the quarter-resolution sigma-12 ones.
 pub struct Planes {
@@ -640,6 +651,27 @@ mod tests {
                 "sigma 12 blur",
                 "position terms"
             ]
+        );
+    }
+
+    /// Slicing's features 3..6 are G's sigma-1.5 blur and 6..9 its sigma-6 blur, scales 1 and
+    /// 3 of the bank's; colour, the bias and the hue terms are no blur.
+    #[test]
+    fn slicing_blur_scales_are_gs_two_blurs() {
+        let scales: Vec<_> = (0..K).map(slicing_blur_scale).collect();
+        let want: Vec<_> = (0..K)
+            .map(|k| match k {
+                3..6 => Some(1),
+                6..9 => Some(3),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(scales, want);
+        assert!(
+            scales
+                .iter()
+                .flatten()
+                .all(|&s| SCALES_FOLDED >> s & 1 != 0)
         );
     }
 

@@ -24,15 +24,6 @@ use super::model::{CK, HUES, K, LBINS};
 use crate::Frame;
 
 const TONE_P: usize = LBINS * K;
-/// The tone part's blur features (slicing's, `filterbank::pixel_features`), with their scale
-/// in [`bank::Scales`]: G's sigma 1.5 and 6. On a resampled pair they are kept or dropped with
-/// the bank's same scales (`earned_blurs`): kept unchecked, a pair shot half a pixel over with
-/// no edit at all learned a "tone" edit from the two shots' sampling (+0.5 to +0.9 dB on
-/// held-out regions; the capture 53-60 dB from itself after), and a moved dark vignette pair
-/// lost 1.5 of its 3 dB on B to it (eval_cli.py's moved set). On a pair not resampled they stay:
-/// there they are the edit's, and held to the rule there an aligned vignette pair took H's base
-/// and lost 10 dB.
-const TONE_BLURS: [(std::ops::Range<usize>, usize); 2] = [(3..6, 1), (6..9, 3)];
 /// Unknowns per output channel: the tone offset, then the residual stage's weights.
 /// The position terms exist in two frames: where the pixel is in the source frame and where it
 /// is in the target's own frame. A vignette that the after shot added sits in the after shot's
@@ -108,7 +99,7 @@ struct Cols {
     per_channel_blurs: bool,
     /// The bank part's blur scales (`earned_blurs` keeps those that pay for their apply).
     blurs: bank::Scales,
-    /// Some pair was resampled: G's own blurs in the tone part (`TONE_BLURS`) then follow
+    /// Some pair was resampled: G's own blurs in the tone part (`columns`) then follow
     /// `blurs` as well, so they must earn what the bank's must.
     resampled: bool,
 }
@@ -681,12 +672,16 @@ fn columns(set: u8, cols: Cols) -> Idx {
     let mut idx = Vec::new();
     if set & 1 != 0 {
         let hue = |i: &usize| cols.hue_terms || i % K < K - HUES;
-        // on a resampled pair G's own blurs in the tone part count as their scales in the bank's
+        // On a resampled pair the tone part's blur features (G's sigma 1.5 and 6) are kept or
+        // dropped with the bank's same scales (`earned_blurs`): kept unchecked, a pair shot half
+        // a pixel over with no edit at all learned a "tone" edit from the two shots' sampling
+        // (+0.5 to +0.9 dB on held-out regions; the capture 53-60 dB from itself after), and a
+        // moved dark vignette pair lost 1.5 of its 3 dB on B to it (eval_cli.py's moved set).
+        // On a pair not resampled they stay: there they are the edit's, and held to the rule
+        // there an aligned vignette pair took H's base and lost 10 dB.
         let blur = |i: &usize| {
             !cols.resampled
-                || TONE_BLURS
-                    .iter()
-                    .all(|(ks, scale)| !ks.contains(&(i % K)) || cols.blurs >> scale & 1 != 0)
+                || bank::slicing_blur_scale(i % K).is_none_or(|sc| cols.blurs >> sc & 1 != 0)
         };
         idx.extend((0..TONE_P).filter(hue).filter(blur));
     }
@@ -1171,7 +1166,7 @@ mod tests {
 
     /// On a resampled pair, a change of detail worth less than RESAMPLED_BLUR_GAIN_DB is what
     /// two shots' sampling and the warp leave, not an edit: G's own blurs in the tone part may
-    /// not fit it any more than the bank's (TONE_BLURS). On a pair not resampled the same
+    /// not fit it any more than the bank's (`columns`). On a pair not resampled the same
     /// change is the edit's, and the tone part's blurs keep it.
     #[test]
     fn a_slight_blur_of_a_resampled_pair_is_no_edit() {
