@@ -326,6 +326,9 @@ def exact_undo(edit, B2):
     elif f == "saturation":
         lum = edits.luminance(x)
         y = lum + (x - lum) / p["s"]
+    elif f in ("vignette_add", "vignette_remove"):
+        gain = 1 - p["strength"] * edits.radial(x) ** p["power"]
+        y = x / gain if f == "vignette_add" else x * gain
     else:
         return None
     return as_8bit(y[0].numpy())
