@@ -1,7 +1,8 @@
 //! The closed-form parts of a template, fitted in `learn` on the registered pair(s):
 //! * `tone`: a global offset of G's coefficient grid (per luminance bin, G's own features);
 //! * `bank`: the residual stage's colour, blur scales and bias (see bank.rs);
-//! * `position`: the residual stage's smooth position terms (vignette, lens shading).
+//! * `position`: the residual stage's smooth position terms (vignette, lens shading): offsets,
+//!   and gains that multiply each colour channel alone, as a lens shades it.
 //!
 //! They correct one of two bases: G with the hypernetwork's template, or B itself.
 //!
