@@ -276,16 +276,25 @@ fn colour_features(
 
 /// Features of the position group.
 pub const POSITION_LEN: usize = NF - POSITION.start;
+/// The position terms that are offsets (u, v, r2, r2^2, r2^3), first in the group; each is
+/// then repeated as a gain on each colour channel ([`position_gain`]).
+pub const POSITION_OFFSETS: usize = 5;
+const _: () = assert!(POSITION_LEN == POSITION_OFFSETS * 4);
+
+/// Where, within the position group, offset k's gain on colour channel c sits.
+pub const fn position_gain(k: usize, c: usize) -> usize {
+    POSITION_OFFSETS + 3 * k + c
+}
 
 /// The position terms at normalised coordinates (u, v) for colour `rgb`.
 #[inline]
 pub fn position(u: f32, v: f32, rgb: [f32; 3], out: &mut [f32; POSITION_LEN]) {
     let r2 = 0.5 * (u * u + v * v);
-    let pos = [u, v, r2, r2 * r2, r2 * r2 * r2];
-    out[..5].copy_from_slice(&pos);
+    let pos: [f32; POSITION_OFFSETS] = [u, v, r2, r2 * r2, r2 * r2 * r2];
+    out[..POSITION_OFFSETS].copy_from_slice(&pos);
     for (k, p) in pos.iter().enumerate() {
         for c in 0..3 {
-            out[5 + 3 * k + c] = p * rgb[c];
+            out[position_gain(k, c)] = p * rgb[c];
         }
     }
 }
@@ -570,12 +579,13 @@ impl ChannelWeights {
     fn new(w: &[f32], c: usize, v: f32, with_position: bool) -> Self {
         let wc = |j: usize| w[3 * j + c];
         // the offset's terms are u, v, r2, r2^2, r2^3; channel ch's are those times colour ch
-        let poly = |first: usize, step: usize| -> Poly {
-            let t = |k: usize| wc(POSITION.start + first + step * k);
+        let poly = |at: &dyn Fn(usize) -> usize| -> Poly {
+            let t = |k: usize| wc(POSITION.start + at(k));
             [t(0), t(1) * v, t(2), t(3), t(4)]
         };
+        let gains = |ch: usize| poly(&|k| position_gain(k, ch));
         ChannelWeights {
-            position: with_position.then(|| [poly(0, 1), poly(5, 3), poly(6, 3), poly(7, 3)]),
+            position: with_position.then(|| [poly(&|k| k), gains(0), gains(1), gains(2)]),
             v2: v * v,
         }
     }

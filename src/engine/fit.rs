@@ -34,10 +34,6 @@ const TONE_P: usize = LBINS * K;
 /// halves did not add up to it (moved vignettes 2-10 dB worse on B, eval_cli.py).
 const MOVED: usize = TONE_P + NF;
 const P: usize = MOVED + bank::POSITION_LEN;
-/// The position terms that are offsets (u, v, r2, r2^2, r2^3); each is followed in the group
-/// by its three gains, one per colour channel (`bank::position`).
-const POSITION_OFFSETS: usize = 5;
-const _: () = assert!(bank::POSITION_LEN == POSITION_OFFSETS * 4);
 const TILES: usize = 4;
 /// Greys, and the two halves of the hue circle (red to cyan through yellow and green; cyan to red
 /// through blue and magenta): each sample goes to one class, by its source colour.
@@ -702,7 +698,7 @@ fn columns(set: u8, cols: Cols) -> Idx {
         PositionFrame::Target => MOVED,
     });
     if let Some(at) = position {
-        idx.extend(at..at + POSITION_OFFSETS);
+        idx.extend(at..at + bank::POSITION_OFFSETS);
     }
     let shared = idx.len();
     let channel = |c: usize| {
@@ -712,7 +708,7 @@ fn columns(set: u8, cols: Cols) -> Idx {
         // split between them was a guess, and a brighter, more colourful capture paid for it
         // (vignette quad 79's undo 39.4 dB against an exact undo of 54.2; eval_cli.py).
         if let Some(at) = position {
-            let gains = (0..POSITION_OFFSETS).map(|k| at + POSITION_OFFSETS + 3 * k + c);
+            let gains = (0..bank::POSITION_OFFSETS).map(|k| at + bank::position_gain(k, c));
             cols.extend(gains);
         }
         if own {
