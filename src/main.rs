@@ -522,6 +522,16 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
             if let Some(r) = c.reverse_gain_db {
                 println!("undo         {r:+.2} dB over doing nothing (validated)");
             }
+            if let Some(r) = c.round_trip_db {
+                let kept = if r < 0.0 {
+                    "worse than nothing: the undo is the identity"
+                } else {
+                    "kept"
+                };
+                println!(
+                    "round trip   the undo brings the edited after shot in every hue {r:+.2} dB closer than doing nothing: {kept}"
+                );
+            }
             for (i, r) in c.registration.iter().enumerate() {
                 println!(
                     "register {i}   {} shift ({:+.1}, {:+.1}) px, rotation {:+.2} deg, scale x{:.3}, residual {:.2} px",

@@ -69,6 +69,7 @@ fn sample(n: &str, pairs: usize, delta_len: usize, seed: u64) -> Template {
             heldout_pair_psnr_db: None,
             zero_prior: false,
             distribution_gain_db: None,
+            round_trip_db: None,
             registration: (0..pairs)
                 .map(|p| PairRegistration {
                     registered: p % 2 == 0,

@@ -43,6 +43,11 @@ pub struct Card {
     /// the pair does).
     #[serde(default)]
     pub distribution_gain_db: Option<f32>,
+    /// With grey before shots (saturation not measured): how much closer the undo brings an
+    /// edited probe of every hue back to itself than doing nothing, in dB; under 0 the undo is
+    /// the identity (`learn`'s round trip). None with colour in some before shot.
+    #[serde(default)]
+    pub round_trip_db: Option<f32>,
 }
 
 /// Validated gain of each part of a template, in dB.

@@ -177,6 +177,7 @@ fn card_fields(c: &Card) -> impl Iterator<Item = (&'static str, f32)> + '_ {
     [
         ("validated_gain_db", opt(c.validated_gain_db)),
         ("reverse_gain_db", opt(c.reverse_gain_db)),
+        ("round_trip_db", opt(c.round_trip_db)),
         ("heldout_pair_psnr_db", opt(c.heldout_pair_psnr_db)),
         ("part_gains_db.hypernet", g.hypernet),
         ("part_gains_db.tone", g.tone),
