@@ -9,6 +9,7 @@ use super::align::{self, Registration, Similarity};
 use super::card::{Card, MIN_DISTRIBUTION_GAIN_DB, PairRegistration};
 use super::fit::{self, Base, BaseRule, Prior, Selection};
 use super::{Engine, Learned, bank, card, filterbank, quality, slice};
+use crate::frame::psnr;
 use crate::{Error, Frame, Result};
 
 /// Quantiles per channel that stand for a colour distribution.
@@ -164,25 +165,9 @@ impl Engine {
         let (mut reverse_delta, mut reverse_residual) = self.compose(&undo, sr.as_ref(), prior(gr));
         let mut card = self.card(pairs, (sf.as_ref(), sr.as_ref()), &regs, opts.prior);
         card.distribution_gain_db = gf;
-        // grey before shots show the edit on the grey axis only, so nothing validated what the
-        // undo does to colours: the round trip checks that on every hue
-        let grey = card.saturation == card::NOT_MEASURED;
-        let round_trip = match sr {
-            Some(_) if grey => self.round_trip_db(
-                pairs,
-                (&delta, &residual),
-                (&reverse_delta, &reverse_residual),
-            )?,
-            _ => None,
-        };
-        lap("round trip");
-        card.round_trip_db = round_trip;
-        if round_trip.is_some_and(|g| g < 0.0) {
-            // the undo took the probe further from itself than leaving it: fitted toward grey,
-            // it takes colours to grey that the edit never made, and doing nothing is better
-            reverse_delta.fill(0.0);
-            reverse_residual.clear();
-            card.reverse_gain_db = Some(0.0);
+        if sr.is_some() && card.saturation == card::NOT_MEASURED {
+            let rev = (&mut reverse_delta, &mut reverse_residual);
+            self.check_grey_undo(pairs, (&delta, &residual), rev, &mut card)?;
         }
         let source_hist = histogram(pairs.iter().map(|(a, _)| a));
         let target_hist = histogram(pairs.iter().map(|(_, a2)| a2));
@@ -215,21 +200,45 @@ impl Engine {
         Ok(delta)
     }
 
+    /// Grey before shots show the edit on the grey axis only, so nothing validated what the
+    /// undo does to colours; the round trip checks that. Where the undo takes the probe
+    /// further from itself than leaving it (fitted toward grey, it takes colours to grey that
+    /// the edit never made), the undo is the identity.
+    fn check_grey_undo(
+        &self,
+        pairs: &[(Frame, Frame)],
+        edit: (&[f32], &[f32]),
+        (reverse_delta, reverse_residual): (&mut Vec<f32>, &mut Vec<f32>),
+        card: &mut Card,
+    ) -> Result<()> {
+        let gain = self.round_trip_db(pairs, edit, (reverse_delta, reverse_residual))?;
+        card.round_trip_db = gain;
+        if gain.is_some_and(|g| g < 0.0) {
+            reverse_delta.fill(0.0);
+            reverse_residual.clear();
+            card.reverse_gain_db = Some(0.0);
+        }
+        Ok(())
+    }
+
     /// How much closer the undo brings an edited probe back to itself than doing nothing, in
-    /// dB: undo(edit(P)) against edit(P), both scored on P, where P is each after shot's
-    /// luminance in every hue ([`every_hue`]). The pair validates the undo on A' -> A only;
-    /// from a grey before shot, that undo may take every colour to grey. None when the edit
-    /// leaves P as it is (nothing to undo, nothing measured).
+    /// dB, mean over the pairs: PSNR of undo(edit(P)) against P, less that of edit(P), where P
+    /// is the pair's after shot in every hue ([`every_hue`]). The pair validates the undo on
+    /// A' -> A only; from a grey before shot, that undo may take every colour to grey. None
+    /// when the edit leaves every probe as it is (nothing to undo, nothing measured).
     fn round_trip_db(
         &self,
         pairs: &[(Frame, Frame)],
         (delta, residual): (&[f32], &[f32]),
         (reverse_delta, reverse_residual): (&[f32], &[f32]),
     ) -> Result<Option<f32>> {
-        let (mut nothing, mut undone) = (0.0f64, 0.0f64);
+        let mut gains = Vec::with_capacity(pairs.len());
         for (_, a2) in pairs {
-            let a2 = &every_hue(a2);
-            let edited = self.apply_edit(super::Edit { delta, residual }, a2)?;
+            let probe = every_hue(a2);
+            let edited = self.apply_edit(super::Edit { delta, residual }, &probe)?;
+            if edited.data == probe.data {
+                continue;
+            }
             let back = self.apply_edit(
                 super::Edit {
                     delta: reverse_delta,
@@ -237,13 +246,9 @@ impl Engine {
                 },
                 &edited,
             )?;
-            nothing += squared_error(&edited, a2);
-            undone += squared_error(&back, a2);
+            gains.push(psnr(&back, &probe) - psnr(&edited, &probe));
         }
-        if nothing <= 0.0 {
-            return Ok(None);
-        }
-        Ok(Some((10.0 * (nothing / undone.max(1e-12)).log10()) as f32))
+        Ok((!gains.is_empty()).then(|| gains.iter().sum::<f32>() / gains.len() as f32))
     }
 
     /// With no pair registered (and H's prior in use), H's template and its undo are checked
@@ -419,10 +424,10 @@ fn every_hue(f: &Frame) -> Frame {
     let (w, n) = (f.width, f.width * f.height);
     let mut out = f.clone();
     for i in 0..n {
-        let l = 0.299 * f.data[i] + 0.587 * f.data[n + i] + 0.114 * f.data[2 * n + i];
+        let l = filterbank::luminance(f.data[i], f.data[n + i], f.data[2 * n + i]);
         let t = std::f32::consts::TAU * (i % w) as f32 / w as f32;
         let (oa, ob) = (CHROMA * t.cos(), CHROMA * t.sin());
-        // opponent axes r - (g + b) / 2 and (g - b) * sqrt(3) / 2, luminance kept
+        // opponent axes r - (g + b) / 2 and (g - b) * sqrt(3) / 2; the channels' mean is l
         let rgb = [
             l + oa * 0.667,
             l - oa * 0.333 + ob * 0.577,
@@ -433,15 +438,6 @@ fn every_hue(f: &Frame) -> Frame {
         }
     }
     out
-}
-
-/// Sum of squared differences of two frames of the same size.
-fn squared_error(a: &Frame, b: &Frame) -> f64 {
-    a.data
-        .iter()
-        .zip(&b.data)
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum()
 }
 
 /// The quality gate's histogram of some images, averaged.
