@@ -523,7 +523,7 @@ fn templates(cfg: &Config, cmd: TemplatesCmd) -> anyhow::Result<()> {
                 println!("undo         {r:+.2} dB over doing nothing (validated)");
             }
             if let Some(r) = c.round_trip_db {
-                let kept = if r < 0.0 {
+                let kept = if c.round_trip_failed() {
                     "worse than nothing: the undo is the identity"
                 } else {
                     "kept"

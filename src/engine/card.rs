@@ -77,6 +77,12 @@ pub struct PairRegistration {
 pub const MIN_DISTRIBUTION_GAIN_DB: f32 = 1.0;
 
 impl Card {
+    /// Whether `learn`'s round trip found the undo worse than doing nothing, which made it the
+    /// identity ([`Card::round_trip_db`] under 0).
+    pub fn round_trip_failed(&self) -> bool {
+        self.round_trip_db.is_some_and(|g| g < 0.0)
+    }
+
     /// One line: what validated, or why nothing could be.
     pub fn validation_summary(&self) -> String {
         match self.validated_gain_db {

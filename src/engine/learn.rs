@@ -211,9 +211,8 @@ impl Engine {
         (reverse_delta, reverse_residual): (&mut Vec<f32>, &mut Vec<f32>),
         card: &mut Card,
     ) -> Result<()> {
-        let gain = self.round_trip_db(pairs, edit, (reverse_delta, reverse_residual))?;
-        card.round_trip_db = gain;
-        if gain.is_some_and(|g| g < 0.0) {
+        card.round_trip_db = self.round_trip_db(pairs, edit, (reverse_delta, reverse_residual))?;
+        if card.round_trip_failed() {
             reverse_delta.fill(0.0);
             reverse_residual.clear();
             card.reverse_gain_db = Some(0.0);
